@@ -1,0 +1,120 @@
+"""The model registry: systems register themselves, the CLI and ``load_run`` look them up.
+
+A *system* is everything the command line needs to train, evaluate and sample one model family
+on its data, without any model-specific code in the CLI or the trainer::
+
+    from pyro_seqlatent.registry import ModelSpec, register_model
+
+    register_model(ModelSpec(
+        name="vae",
+        build=build_vae,            # build(options: dict) -> (model, guide), both nn.Modules
+        datasets=vae_datasets,      # datasets(options: dict, root) -> {"train": ..., "valid": ..., "test": ...}
+        defaults={"latent_dim": 40, "guide": "meanfield"},
+    ))
+
+Every key of ``defaults`` becomes a command-line flag (``--latent-dim 40``) typed from its default.
+Modules under :mod:`pyro_seqlatent.models` are imported by :func:`load_builtin_models`, so adding a
+model file is enough to register it; third-party packages can register through the entry-point
+group ``pyro_seqlatent.models``.
+"""
+
+from __future__ import annotations
+
+import importlib
+import pkgutil
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from torch import nn
+from torch.utils.data import Dataset
+
+
+@dataclass
+class ModelSpec:
+    """How to build, feed, train and sample one registered system.
+
+    :param name: registry key, used on the command line.
+    :param build: ``build(options) -> (model, guide)``; both must be ``nn.Module`` (or
+        ``PyroModule``) so the trainer sees their parameters. ``model(*batch)`` /
+        ``guide(*batch)`` are called with the collated batch (a tuple is splatted, a dict passed
+        as keywords, a tensor passed as the single argument).
+    :param datasets: ``datasets(options, root) -> {"train", "valid", "test"}`` torch Datasets;
+        ``root`` is the data root (``None`` means ``$PYRO_SEQLATENT_DATA``).
+    :param defaults: model/data options with their defaults; they become CLI flags.
+    :param collate_fn: DataLoader collate function (default: torch's).
+    :param elbo: default ELBO class name (any of :data:`pyro_seqlatent.infer.ELBOS`).
+    :param batch_plate: name of the plate over data points (used by ``log_marginal``).
+    :param generate: ``generate(model, num_samples, options) -> Tensor`` for ``sample``.
+    :param train_defaults: defaults for :func:`pyro_seqlatent.infer.train` (lr, batch_size, ...).
+    :param demo: overrides (options and train settings) for the short run of ``make demo``.
+    :param plot: ``plot(model, guide, datasets, options, out_dir) -> list[path]`` figures for the
+        report.
+    """
+
+    name: str
+    build: Callable[[dict], tuple[nn.Module, nn.Module]]
+    datasets: Callable[[dict, Any], dict[str, Dataset]]
+    defaults: dict[str, Any] = field(default_factory=dict)
+    collate_fn: Callable | None = None
+    elbo: str = "Trace_ELBO"
+    batch_plate: str = "data"
+    generate: Callable | None = None
+    train_defaults: dict[str, Any] = field(default_factory=dict)
+    demo: dict[str, Any] = field(default_factory=dict)
+    plot: Callable | None = None
+    description: str = ""
+
+    def options(self, **overrides) -> dict:
+        """The defaults updated with ``overrides``; unknown keys raise a clear error."""
+        unknown = set(overrides) - set(self.defaults)
+        if unknown:
+            raise ValueError(
+                f"model {self.name!r} has no option(s) {sorted(unknown)}; "
+                f"known options: {sorted(self.defaults)}"
+            )
+        return {**self.defaults, **overrides}
+
+
+_REGISTRY: dict[str, ModelSpec] = {}
+_LOADED = False
+
+
+def register_model(spec: ModelSpec) -> ModelSpec:
+    """Add ``spec`` to the registry (re-registering a name replaces it) and return it."""
+    if not isinstance(spec, ModelSpec):
+        raise TypeError(f"register_model expects a ModelSpec, got {type(spec).__name__}")
+    _REGISTRY[spec.name] = spec
+    return spec
+
+
+def load_builtin_models() -> None:
+    """Import every module under :mod:`pyro_seqlatent.models` and entry-point plugins once."""
+    global _LOADED
+    if _LOADED:
+        return
+    _LOADED = True
+    import pyro_seqlatent.models as pkg
+
+    for info in pkgutil.iter_modules(pkg.__path__):
+        if not info.name.startswith("_"):
+            importlib.import_module(f"{pkg.__name__}.{info.name}")
+    try:
+        from importlib.metadata import entry_points
+
+        for ep in entry_points(group="pyro_seqlatent.models"):
+            ep.load()
+    except Exception:  # pragma: no cover - a broken third-party plugin must not break ours
+        pass
+
+
+def get_model(name: str) -> ModelSpec:
+    load_builtin_models()
+    if name not in _REGISTRY:
+        raise KeyError(f"unknown model {name!r}; registered models: {sorted(_REGISTRY)}")
+    return _REGISTRY[name]
+
+
+def list_models() -> list[str]:
+    load_builtin_models()
+    return sorted(_REGISTRY)
