@@ -8,7 +8,7 @@ on its data, without any model-specific code in the CLI or the trainer::
     register_model(ModelSpec(
         name="vae",
         build=build_vae,            # build(options: dict) -> (model, guide), both nn.Modules
-        datasets=vae_datasets,      # datasets(options: dict, root) -> {"train": ..., "valid": ..., "test": ...}
+        datasets=vae_datasets,      # datasets(options, root) -> {"train", "valid", "test"}
         defaults={"latent_dim": 40, "guide": "meanfield"},
     ))
 

@@ -1,0 +1,29 @@
+"""Inference: the one training loop, the one evaluation path, and loading finished runs."""
+
+from pyro_seqlatent.infer.elbos import ELBOS, make_elbo
+from pyro_seqlatent.infer.evaluate import MarginalEstimate, evaluate, log_marginal
+from pyro_seqlatent.infer.run import Run, load_run
+from pyro_seqlatent.infer.train import (
+    ScaleLatents,
+    TrainConfig,
+    TrainingDiverged,
+    TrainResult,
+    mean_loss,
+    train,
+)
+
+__all__ = [
+    "ELBOS",
+    "MarginalEstimate",
+    "Run",
+    "ScaleLatents",
+    "TrainConfig",
+    "TrainResult",
+    "TrainingDiverged",
+    "evaluate",
+    "load_run",
+    "log_marginal",
+    "make_elbo",
+    "mean_loss",
+    "train",
+]

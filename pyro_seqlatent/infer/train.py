@@ -1,0 +1,616 @@
+r"""One SVI training loop for every model/guide pair of the project (and the user's own).
+
+``train`` minimises the negative ELBO
+
+.. math:: \mathcal L(\theta, \phi) = -\,\mathbb E_{q_\phi(z\mid x)}
+          \bigl[\log p_\theta(x, z) - \log q_\phi(z \mid x)\bigr]
+
+with any Pyro ELBO, a plain ``torch.optim`` optimizer over the parameters of the model and guide
+modules (and of Pyro's param store), mini-batches from a torch ``DataLoader``, and:
+
+* gradient-norm clipping applied *before* the optimizer step;
+* learning-rate schedules (``cosine``, ``exponential``, ``step``, linear warm-up);
+* KL annealing: every latent (non-observed) site of model and guide is scaled by
+  :math:`\beta_t \in [\beta_0, 1]` (a ``poutine.scale`` restricted to latent sites), so the loss
+  is :math:`-\mathbb E_q[\log p(x\mid z)] + \beta_t\,\mathrm{KL}`;
+* validation every N steps with common random numbers, early stopping on the validation loss;
+* atomic checkpoints and exact resumption (same loss curve as an uninterrupted run);
+* a guard that stops at the first non-finite loss or gradient, naming the step and the last good
+  checkpoint, which it leaves intact;
+* metrics to ``metrics.jsonl`` and a tqdm progress bar with loss and throughput.
+
+The data order comes from a :class:`~torch.utils.data.DistributedSampler` seeded by
+``(seed, epoch)``, so the same loop runs under ``torchrun`` with DDP without a second code path.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import pyro
+import pyro.poutine as poutine
+import torch
+from pyro.poutine.messenger import Messenger
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
+
+from pyro_seqlatent.infer.batches import batch_args, batch_size, to_device
+from pyro_seqlatent.infer.checkpoint import (
+    atomic_save,
+    load_checkpoint,
+    rng_state,
+    set_rng_state,
+)
+from pyro_seqlatent.infer.elbos import has_differentiable_loss, make_elbo
+
+CHECKPOINT = "checkpoint.pt"
+BEST = "best.pt"
+METRICS = "metrics.jsonl"
+TRAIN_CONFIG = "train_config.json"
+
+
+class TrainingDiverged(RuntimeError):
+    """Raised at the first non-finite loss or gradient; names the step and last checkpoint."""
+
+    def __init__(self, step: int, what: str, checkpoint: Path | None, checkpoint_step: int | None):
+        self.step = step
+        self.checkpoint = checkpoint
+        self.checkpoint_step = checkpoint_step
+        where = (
+            f"the last good checkpoint is {checkpoint} (step {checkpoint_step}), left intact; "
+            "resume from it with a lower learning rate or gradient clipping"
+            if checkpoint is not None
+            else "no checkpoint was written yet (pass run_dir=... and checkpoint_every=...)"
+        )
+        super().__init__(f"training diverged at step {step}: {what} is not finite; {where}")
+
+
+@dataclass
+class TrainConfig:
+    """Settings of :func:`train` (all keyword arguments of ``train`` but the data and modules)."""
+
+    elbo: Any = "Trace_ELBO"
+    elbo_kwargs: dict = field(default_factory=dict)
+    num_steps: int | None = None
+    num_epochs: int | None = None
+    batch_size: int = 64
+    optimizer: str = "adam"
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    betas: tuple = (0.9, 0.999)
+    lr_schedule: str | None = None
+    lr_decay: float = 0.1
+    lr_step_size: int = 1000
+    lr_warmup_steps: int = 0
+    clip_norm: float | None = None
+    kl_anneal_steps: int = 0
+    kl_anneal_start: float = 0.0
+    valid_every: int | None = None
+    valid_max_batches: int | None = None
+    early_stopping_patience: int | None = None
+    early_stopping_min_delta: float = 0.0
+    checkpoint_every: int | None = None
+    log_every: int = 1
+    seed: int = 0
+    device: str = "cpu"
+    num_workers: int = 0
+    shuffle: bool = True
+    drop_last: bool = False
+    max_time_s: float | None = None
+    progress: bool = True
+
+    def validate(self) -> None:
+        if self.num_steps is None and self.num_epochs is None:
+            raise ValueError("give num_steps or num_epochs (how long to train)")
+        for name in ("num_steps", "num_epochs", "batch_size", "valid_every", "checkpoint_every"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or value < 1):
+                raise ValueError(f"{name} must be a positive integer or None, got {value!r}")
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise ValueError(f"lr must be a positive finite number, got {self.lr!r}")
+        if self.clip_norm is not None and not self.clip_norm > 0:
+            raise ValueError(f"clip_norm must be positive or None, got {self.clip_norm!r}")
+        if self.lr_schedule not in (None, "none", "cosine", "exponential", "step"):
+            raise ValueError(
+                f"lr_schedule={self.lr_schedule!r}: use None, 'cosine', 'exponential' or 'step'"
+            )
+        if not 0.0 <= self.kl_anneal_start <= 1.0:
+            raise ValueError(f"kl_anneal_start must lie in [0, 1], got {self.kl_anneal_start}")
+        if self.optimizer not in _OPTIMIZERS:
+            raise ValueError(f"optimizer={self.optimizer!r} is not one of {sorted(_OPTIMIZERS)}")
+
+    def to_json(self) -> dict:
+        out = asdict(self)
+        if not isinstance(self.elbo, str):
+            out["elbo"] = type(self.elbo).__name__
+        return out
+
+
+@dataclass
+class TrainResult:
+    """What :func:`train` returns."""
+
+    history: list[dict]
+    step: int
+    final_loss: float
+    best_valid: float | None
+    stopped: str
+    run_dir: Path | None
+    wall_time_s: float
+
+
+_OPTIMIZERS = {
+    "adam": torch.optim.Adam,
+    "adamw": torch.optim.AdamW,
+    "sgd": torch.optim.SGD,
+    "rmsprop": torch.optim.RMSprop,
+}
+
+
+class ScaleLatents(Messenger):
+    """Multiply the log-density of every latent (non-observed) sample site by ``scale``.
+
+    Wrapped around both model and guide it turns the ELBO into
+    :math:`\\mathbb E_q[\\log p(x\\mid z)] - \\beta\\,\\mathrm{KL}(q\\,\\|\\,p)`: the KL-annealing
+    form of Bowman et al. 2016 / Pyro's DMM, for any model without editing it.
+    """
+
+    def __init__(self, scale: float):
+        super().__init__()
+        self.scale = float(scale)
+
+    def _process_message(self, msg):
+        if msg["type"] == "sample" and not msg["is_observed"]:
+            msg["scale"] = self.scale * msg["scale"]
+
+
+def _is_main_process() -> bool:
+    dist = torch.distributed
+    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+
+
+class ResumableSampler(DistributedSampler):
+    """``DistributedSampler`` (seeded by ``seed + epoch``) that can start mid-epoch.
+
+    Without ``torch.distributed`` it acts as one replica. ``skip`` drops the first indices of
+    the epoch so a resumed run sees exactly the batches the interrupted one had not yet seen.
+    """
+
+    def __init__(self, dataset: Dataset, shuffle: bool, seed: int, drop_last: bool):
+        dist = torch.distributed
+        distributed = dist.is_available() and dist.is_initialized()
+        super().__init__(
+            dataset,
+            num_replicas=None if distributed else 1,
+            rank=None if distributed else 0,
+            shuffle=shuffle,
+            seed=seed,
+            drop_last=drop_last,
+        )
+        self.skip = 0
+
+    def __iter__(self):
+        indices = list(super().__iter__())
+        return iter(indices[self.skip :])
+
+    def __len__(self) -> int:
+        return super().__len__() - self.skip
+
+
+def collect_parameters(*modules: nn.Module) -> list[nn.Parameter]:
+    """Unique trainable parameters of ``modules`` plus those in Pyro's param store."""
+    seen: set[int] = set()
+    params: list[torch.Tensor] = []
+    for module in modules:
+        for p in module.parameters():
+            if p.requires_grad and id(p) not in seen:
+                seen.add(id(p))
+                params.append(p)
+    for _, p in pyro.get_param_store().named_parameters():
+        if p.requires_grad and id(p) not in seen:
+            seen.add(id(p))
+            params.append(p)
+    return params
+
+
+def _extra_store_params(modules: Sequence[nn.Module]) -> dict[str, torch.Tensor]:
+    """Param-store entries that are not parameters of ``modules`` (``pyro.param`` in user code)."""
+    module_ids = {id(p) for m in modules for p in m.parameters()}
+    return {
+        name: p
+        for name, p in pyro.get_param_store().named_parameters()
+        if id(p) not in module_ids
+    }
+
+
+def _make_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig, total_steps: int):
+    warmup = max(0, int(cfg.lr_warmup_steps))
+    schedule = cfg.lr_schedule if cfg.lr_schedule not in (None, "none") else None
+
+    def factor(step: int) -> float:  # step = number of optimizer steps taken so far
+        f = 1.0
+        if warmup and step < warmup:
+            f *= (step + 1) / warmup
+        if schedule == "cosine":
+            f *= 0.5 * (1.0 + math.cos(math.pi * min(step, total_steps) / max(1, total_steps)))
+        elif schedule == "exponential":
+            f *= cfg.lr_decay ** (step / max(1, total_steps))
+        elif schedule == "step":
+            f *= cfg.lr_decay ** (step // max(1, cfg.lr_step_size))
+        return f
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def _kl_scale(cfg: TrainConfig, step: int) -> float:
+    if cfg.kl_anneal_steps <= 0:
+        return 1.0
+    frac = min(1.0, step / cfg.kl_anneal_steps)
+    return cfg.kl_anneal_start + (1.0 - cfg.kl_anneal_start) * frac
+
+
+def _flow_caches(*modules: nn.Module) -> list[Any]:
+    """Submodules with a transform cache (``clear_cache``), cleared after every step."""
+    return [m for module in modules for m in module.modules() if hasattr(m, "clear_cache")]
+
+
+def _annealed(fn: Callable, scale: float) -> Callable:
+    return fn if scale == 1.0 else ScaleLatents(scale)(fn)
+
+
+def elbo_loss(elbo, model, guide, batch, *, differentiable: bool) -> torch.Tensor:
+    """The ELBO loss (a sum over the batch) for ``batch``; gradients are accumulated into
+    ``.grad`` when ``differentiable`` is False (``loss_and_grads``), else the returned tensor
+    is differentiable."""
+    args, kwargs = batch_args(batch)
+    if differentiable:
+        return elbo.differentiable_loss(model, guide, *args, **kwargs)
+    return torch.as_tensor(elbo.loss_and_grads(model, guide, *args, **kwargs))
+
+
+@torch.no_grad()
+def mean_loss(
+    model: Callable,
+    guide: Callable,
+    loader: Iterable,
+    elbo,
+    device: torch.device | str = "cpu",
+    max_batches: int | None = None,
+    seed: int = 0,
+) -> float:
+    """Mean negative ELBO per data point over ``loader``, with a fixed noise seed (common random
+    numbers: two calls at the same parameters give the same value) and the global RNG untouched."""
+    total, count = 0.0, 0
+    devices = [torch.device(device)] if torch.device(device).type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        pyro.set_rng_seed(seed)
+        for i, batch in enumerate(loader):
+            if max_batches is not None and i >= max_batches:
+                break
+            batch = to_device(batch, device)
+            args, kwargs = batch_args(batch)
+            if has_differentiable_loss(elbo):
+                loss = float(elbo.differentiable_loss(model, guide, *args, **kwargs))
+            else:
+                loss = float(elbo.loss(model, guide, *args, **kwargs))
+            total += loss
+            count += batch_size(batch)
+    if count == 0:
+        raise ValueError("the validation data is empty")
+    return total / count
+
+
+def _resolve_run_dir(run_dir) -> Path | None:
+    if run_dir is None:
+        return None
+    path = Path(run_dir)
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def _read_metrics(path: Path, upto_step: int) -> list[dict]:
+    if not path.exists():
+        return []
+    rows = []
+    with open(path) as handle:
+        for line in handle:
+            line = line.strip()
+            if line:
+                row = json.loads(line)
+                if row.get("step", 0) <= upto_step:
+                    rows.append(row)
+    return rows
+
+
+def train(
+    model: nn.Module,
+    guide: nn.Module,
+    train_data: Dataset,
+    *,
+    valid_data: Dataset | None = None,
+    collate_fn: Callable | None = None,
+    run_dir: str | os.PathLike | None = None,
+    resume: bool = False,
+    callbacks: Sequence[Callable[[dict, nn.Module, nn.Module], None]] = (),
+    **config: Any,
+) -> TrainResult:
+    """Train ``model``/``guide`` by SVI on ``train_data``; see :class:`TrainConfig` for options.
+
+    :param model: a ``PyroModule`` or ``nn.Module`` whose ``forward`` is the Pyro model.
+    :param guide: the same for the guide (it may be an autoguide).
+    :param train_data: a torch ``Dataset``; batches are fed as ``model(*batch)`` (tuple),
+        ``model(**batch)`` (dict) or ``model(batch)``.
+    :param valid_data: optional validation ``Dataset`` (``valid_every`` steps apart).
+    :param run_dir: folder for ``checkpoint.pt``, ``best.pt``, ``metrics.jsonl`` and
+        ``train_config.json``; without it nothing is written.
+    :param resume: continue from ``run_dir/checkpoint.pt`` if it exists.
+    :param callbacks: functions ``cb(record, model, guide)`` called after each logged step.
+    :returns: :class:`TrainResult`.
+    :raises TrainingDiverged: at the first non-finite loss or gradient norm.
+    """
+    known = {f.name for f in fields(TrainConfig)}
+    unknown = set(config) - known
+    if unknown:
+        raise TypeError(f"train() got unknown option(s) {sorted(unknown)}; known: {sorted(known)}")
+    cfg = TrainConfig(**config)
+    cfg.validate()
+    for name, module in (("model", model), ("guide", guide)):
+        if not isinstance(module, nn.Module):
+            raise TypeError(
+                f"{name} must be an nn.Module or PyroModule so that train() can see its "
+                f"parameters, got {type(module).__name__}; wrap a function that calls "
+                "pyro.module(...) in an nn.Module holding those networks"
+            )
+    if len(train_data) == 0:
+        raise ValueError("train_data is empty")
+    main = _is_main_process()
+    run_path = _resolve_run_dir(run_dir) if main else None
+    device = torch.device(cfg.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device='cuda' was requested but torch.cuda.is_available() is False")
+    model.to(device)
+    guide.to(device)
+    pyro.set_rng_seed(cfg.seed)
+    elbo = make_elbo(cfg.elbo, **cfg.elbo_kwargs)
+    differentiable = has_differentiable_loss(elbo)
+
+    sampler = ResumableSampler(train_data, cfg.shuffle, cfg.seed, cfg.drop_last)
+    loader = DataLoader(
+        train_data,
+        batch_size=cfg.batch_size,
+        sampler=sampler,
+        collate_fn=collate_fn,
+        num_workers=cfg.num_workers,
+        drop_last=cfg.drop_last,
+        generator=torch.Generator().manual_seed(cfg.seed),
+    )
+    steps_per_epoch = len(loader)
+    if steps_per_epoch == 0:
+        raise ValueError(
+            f"batch_size={cfg.batch_size} with drop_last=True leaves no batch for "
+            f"{len(train_data)} training examples"
+        )
+    total_steps = cfg.num_steps if cfg.num_steps is not None else cfg.num_epochs * steps_per_epoch
+    valid_loader = None
+    if valid_data is not None:
+        valid_loader = DataLoader(
+            valid_data, batch_size=cfg.batch_size, shuffle=False, collate_fn=collate_fn
+        )
+
+    # Materialise lazily created parameters (autoguides, pyro.param) on a first batch, with
+    # the global RNG untouched, then build the optimizer over every parameter.
+    first = to_device(next(iter(DataLoader(train_data, batch_size=min(2, len(train_data)),
+                                           collate_fn=collate_fn))), device)
+    with torch.random.fork_rng(devices=[]), poutine.block():
+        args, kwargs = batch_args(first)
+        guide_trace = poutine.trace(guide).get_trace(*args, **kwargs)
+        poutine.replay(model, trace=guide_trace)(*args, **kwargs)
+    params = collect_parameters(model, guide)
+    if not params:
+        raise ValueError(
+            "model and guide have no trainable parameters: build them as nn.Module/PyroModule"
+        )
+    opt_cls = _OPTIMIZERS[cfg.optimizer]
+    opt_kwargs: dict[str, Any] = {"lr": cfg.lr, "weight_decay": cfg.weight_decay}
+    if cfg.optimizer in ("adam", "adamw"):
+        opt_kwargs["betas"] = tuple(cfg.betas)
+    optimizer = opt_cls(params, **opt_kwargs)
+    scheduler = _make_scheduler(optimizer, cfg, total_steps)
+    caches = _flow_caches(model, guide)
+
+    state = {
+        "step": 0,
+        "best_valid": None,
+        "bad_validations": 0,
+        "elapsed": 0.0,
+        "last_loss": float("nan"),
+    }
+    history: list[dict] = []
+    ckpt_path = run_path / CHECKPOINT if run_path else None
+    last_ckpt_step: int | None = None
+    if resume:
+        if ckpt_path is None:
+            raise ValueError("resume=True needs run_dir=... holding a checkpoint.pt")
+        if ckpt_path.exists():
+            ckpt = load_checkpoint(ckpt_path, map_location=device)
+            _restore(ckpt, model, guide, optimizer, scheduler)
+            state.update(ckpt["state"])
+            last_ckpt_step = state["step"]
+            history = _read_metrics(run_path / METRICS, state["step"])
+    if run_path is not None:
+        with open(run_path / TRAIN_CONFIG, "w") as handle:
+            json.dump(cfg.to_json(), handle, indent=2, default=str)
+        _rewrite_metrics(run_path / METRICS, history)
+
+    def save(path: Path) -> None:
+        atomic_save(
+            {
+                "model": model.state_dict(),
+                "guide": guide.state_dict(),
+                "param_store": {
+                    k: v.detach().clone() for k, v in _extra_store_params([model, guide]).items()
+                },
+                "param_store_state": pyro.get_param_store().get_state(),
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "rng": rng_state(),
+                "state": dict(state),
+                "config": cfg.to_json(),
+            },
+            path,
+        )
+
+    stopped = "completed"
+    start_time = time.perf_counter() - state["elapsed"]
+    bar = None
+    if cfg.progress and main:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=total_steps, initial=state["step"], desc="train", dynamic_ncols=True)
+    metrics_file = open(run_path / METRICS, "a") if run_path is not None else None  # noqa: SIM115
+    try:
+        while state["step"] < total_steps and stopped == "completed":
+            epoch, offset = divmod(state["step"], steps_per_epoch)
+            sampler.set_epoch(epoch)
+            sampler.skip = offset * cfg.batch_size
+            for batch in loader:
+                step = state["step"] + 1
+                t0 = time.perf_counter()
+                batch = to_device(batch, device)
+                n = batch_size(batch)
+                beta = _kl_scale(cfg, step)
+                optimizer.zero_grad(set_to_none=True)
+                loss = elbo_loss(
+                    elbo, _annealed(model, beta), _annealed(guide, beta), batch,
+                    differentiable=differentiable,
+                )
+                if differentiable:
+                    loss.backward()
+                max_norm = cfg.clip_norm if cfg.clip_norm is not None else float("inf")
+                grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+                loss_value, norm_value = (
+                    torch.stack([loss.detach().to(grad_norm), grad_norm]).cpu().tolist()
+                )
+                if not math.isfinite(loss_value) or not math.isfinite(norm_value):
+                    what = "the loss" if not math.isfinite(loss_value) else "the gradient norm"
+                    raise TrainingDiverged(step, what, ckpt_path if last_ckpt_step else None,
+                                           last_ckpt_step)
+                optimizer.step()
+                scheduler.step()
+                for module in caches:
+                    module.clear_cache()
+                state["step"] = step
+                state["last_loss"] = loss_value / n
+                record = {
+                    "step": step,
+                    "epoch": epoch + (offset + 1) / steps_per_epoch,
+                    "loss": loss_value / n,
+                    "grad_norm": norm_value,
+                    "lr": optimizer.param_groups[0]["lr"],
+                    "kl_scale": beta,
+                    "time_s": time.perf_counter() - start_time,
+                    "examples_per_s": n / max(time.perf_counter() - t0, 1e-9),
+                }
+                offset += 1
+                if valid_loader is not None and cfg.valid_every and step % cfg.valid_every == 0:
+                    valid = mean_loss(model, guide, valid_loader, elbo, device,
+                                      cfg.valid_max_batches, seed=cfg.seed)
+                    record["valid_loss"] = valid
+                    best = state["best_valid"]
+                    if best is None or valid < best - cfg.early_stopping_min_delta:
+                        state["best_valid"] = valid
+                        state["bad_validations"] = 0
+                        if run_path is not None:
+                            state["elapsed"] = time.perf_counter() - start_time
+                            save(run_path / BEST)
+                    else:
+                        state["bad_validations"] += 1
+                        if (cfg.early_stopping_patience is not None
+                                and state["bad_validations"] >= cfg.early_stopping_patience):
+                            stopped = "early_stopping"
+                if step % max(1, cfg.log_every) == 0 or "valid_loss" in record:
+                    history.append(record)
+                    if metrics_file is not None:
+                        metrics_file.write(json.dumps(record) + "\n")
+                        metrics_file.flush()
+                    for callback in callbacks:
+                        callback(record, model, guide)
+                if bar is not None:
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{record['loss']:.4g}",
+                                    ex_s=f"{record['examples_per_s']:.0f}", refresh=False)
+                if cfg.max_time_s is not None and record["time_s"] >= cfg.max_time_s:
+                    stopped = "time_budget"
+                is_last = step >= total_steps or stopped != "completed"
+                if run_path is not None and (
+                    is_last or (cfg.checkpoint_every and step % cfg.checkpoint_every == 0)
+                ):
+                    state["elapsed"] = time.perf_counter() - start_time
+                    save(ckpt_path)
+                    last_ckpt_step = step
+                if is_last:
+                    break
+    finally:
+        if bar is not None:
+            bar.close()
+        if metrics_file is not None:
+            metrics_file.close()
+    return TrainResult(
+        history=history,
+        step=state["step"],
+        final_loss=state["last_loss"],
+        best_valid=state["best_valid"],
+        stopped=stopped,
+        run_dir=run_path,
+        wall_time_s=time.perf_counter() - start_time,
+    )
+
+
+def _rewrite_metrics(path: Path, rows: list[dict]) -> None:
+    tmp = path.with_suffix(".jsonl.tmp")
+    with open(tmp, "w") as handle:
+        for row in rows:
+            handle.write(json.dumps(row) + "\n")
+    os.replace(tmp, path)
+
+
+def _restore_store_extras(ckpt: dict) -> None:
+    """Copy the saved ``pyro.param`` values (not module parameters) back, in place when the
+    parameter exists (so an optimizer built over it keeps working), else by creating it."""
+    extras = ckpt.get("param_store", {})
+    constraints = (ckpt.get("param_store_state") or {}).get("constraints", {})
+    current = dict(pyro.get_param_store().named_parameters())
+    with torch.no_grad():
+        for name, value in extras.items():
+            if name in current:
+                current[name].copy_(value)
+            else:
+                constraint = constraints.get(name, torch.distributions.constraints.real)
+                pyro.param(name, torch.distributions.transform_to(constraint)(value),
+                           constraint=constraint)
+
+
+def _restore(ckpt: dict, model: nn.Module, guide: nn.Module, optimizer, scheduler) -> None:
+    model.load_state_dict(ckpt["model"])
+    guide.load_state_dict(ckpt["guide"])
+    _restore_store_extras(ckpt)
+    optimizer.load_state_dict(ckpt["optimizer"])
+    scheduler.load_state_dict(ckpt["scheduler"])
+    set_rng_state(ckpt["rng"])
+
+
+def restore_modules(ckpt_path: str | os.PathLike, model: nn.Module, guide: nn.Module,
+                    map_location: Any = "cpu") -> dict:
+    """Load a checkpoint's parameters into ``model`` and ``guide`` (no optimizer); returns it."""
+    ckpt = load_checkpoint(ckpt_path, map_location=map_location)
+    model.load_state_dict(ckpt["model"])
+    guide.load_state_dict(ckpt["guide"])
+    _restore_store_extras(ckpt)
+    return ckpt
