@@ -1,0 +1,98 @@
+r"""JSB Chorales (Boulanger-Lewandowski et al. 2012) as 88-key binary piano rolls.
+
+Frame :math:`t` of a chorale is the set of MIDI notes sounding; the piano roll is
+:math:`x_t \in \{0, 1\}^{88}` with :math:`x_{t,k} = 1` iff MIDI note :math:`21 + k` sounds
+(keys MIDI 21..108, A0..C8). The standard split is 229 / 76 / 77 chorales (train / valid / test).
+
+The data file is a Python 2 pickle; it is read with a restricted unpickler that allows exactly
+the two numpy globals the file refers to and refuses every other global, so a tampered file
+cannot run code.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+
+import numpy as np
+import torch
+
+from pyro_seqlatent.data.root import data_file
+from pyro_seqlatent.data.sequences import SequenceDataset
+
+RELATIVE_PATH = "jsb_chorales/jsb_chorales.pickle"
+LOWEST_MIDI = 21
+NUM_KEYS = 88
+SPLITS = ("train", "valid", "test")
+SPLIT_SIZES = {"train": 229, "valid": 76, "test": 77}
+
+_ALLOWED = {
+    ("numpy.core.multiarray", "scalar"),
+    ("numpy._core.multiarray", "scalar"),
+    ("numpy", "dtype"),
+}
+
+
+class RestrictedUnpickler(pickle.Unpickler):
+    """Unpickler that resolves only numpy's ``scalar`` and ``dtype`` and refuses all else."""
+
+    def find_class(self, module: str, name: str):
+        if (module, name) not in _ALLOWED:
+            raise pickle.UnpicklingError(
+                f"refusing to load global {module}.{name} from a data file (only numpy "
+                "scalar/dtype are allowed)"
+            )
+        if name == "dtype":
+            return np.dtype
+        try:
+            from numpy._core.multiarray import scalar
+        except ImportError:  # numpy < 2
+            from numpy.core.multiarray import scalar
+        return scalar
+
+
+def load_raw(root: str | os.PathLike | None = None) -> dict[str, list]:
+    """The pickle's dict ``{"train", "valid", "test"}`` of lists of lists of note tuples."""
+    path = data_file(RELATIVE_PATH, root)
+    with open(path, "rb") as handle:
+        data = RestrictedUnpickler(handle, encoding="latin1").load()
+    if not isinstance(data, dict) or set(SPLITS) - set(data):
+        raise ValueError(f"{path}: expected a dict with keys {SPLITS}")
+    return data
+
+
+def piano_roll(frames) -> torch.Tensor:
+    """``(T, 88)`` float tensor from a list of frames, each an iterable of MIDI notes."""
+    roll = torch.zeros(len(frames), NUM_KEYS)
+    for t, notes in enumerate(frames):
+        for note in notes:
+            key = int(note) - LOWEST_MIDI
+            if not 0 <= key < NUM_KEYS:
+                raise ValueError(f"MIDI note {note} outside the piano range 21..108")
+            roll[t, key] = 1.0
+    return roll
+
+
+def load_jsb(
+    split: str, root: str | os.PathLike | None = None, max_sequences: int | None = None
+) -> SequenceDataset:
+    """JSB Chorales ``split`` (``"train"``, ``"valid"`` or ``"test"``) as piano rolls.
+
+    :param max_sequences: keep only the first ``n`` chorales (smoke tests, demos).
+    """
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    raw = load_raw(root)[split]
+    if max_sequences is not None:
+        raw = raw[:max_sequences]
+    return SequenceDataset([piano_roll(seq) for seq in raw], name=f"jsb_{split}")
+
+
+def load_jsb_splits(root=None, max_sequences: int | None = None) -> dict[str, SequenceDataset]:
+    """All three splits, reading the file once."""
+    raw = load_raw(root)
+    out = {}
+    for split in SPLITS:
+        seqs = raw[split] if max_sequences is None else raw[split][:max_sequences]
+        out[split] = SequenceDataset([piano_roll(s) for s in seqs], name=f"jsb_{split}")
+    return out
