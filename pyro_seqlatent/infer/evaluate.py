@@ -21,6 +21,7 @@ import pyro
 import pyro.distributions as dist
 import pyro.poutine as poutine
 import torch
+from pyro.poutine.util import site_is_subsample
 from torch.utils.data import DataLoader, Dataset
 
 from pyro_seqlatent.infer.batches import batch_args, to_device
@@ -41,6 +42,10 @@ def _unwrap(fn: dist.Distribution) -> dist.Distribution:
     while isinstance(fn, (dist.Independent, dist.MaskedDistribution)):
         fn = fn.base_dist
     return fn
+
+
+def _is_sample(site: dict) -> bool:
+    return site["type"] == "sample" and not site_is_subsample(site)
 
 
 def _plate_dims(trace: poutine.Trace) -> dict[str, int]:
@@ -130,7 +135,7 @@ def _log_weights(model, guide, args, kwargs, k: int, nesting: int, batch_dim: in
     log_w = None
     point_estimates = set()
     for name, site in guide_trace.nodes.items():
-        if site["type"] != "sample" or site["is_observed"]:
+        if not _is_sample(site) or site["is_observed"]:
             continue
         if not _in_plate(site, batch_plate):
             if isinstance(_unwrap(site["fn"]), dist.Delta):
@@ -141,7 +146,7 @@ def _log_weights(model, guide, args, kwargs, k: int, nesting: int, batch_dim: in
                     "not a point estimate: log_marginal needs a Delta guide there (MAP weights)"
                 )
     for name, site in model_trace.nodes.items():
-        if site["type"] != "sample" or name in point_estimates:
+        if not _is_sample(site) or name in point_estimates:
             continue
         if not site["is_observed"] and name not in guide_trace.nodes:
             raise ValueError(
@@ -150,7 +155,7 @@ def _log_weights(model, guide, args, kwargs, k: int, nesting: int, batch_dim: in
         term = _per_datum(site, name, nesting, batch_dim, batch_plate, "model")
         log_w = term if log_w is None else log_w + term
     for name, site in guide_trace.nodes.items():
-        if site["type"] != "sample" or site["is_observed"] or name in point_estimates:
+        if not _is_sample(site) or site["is_observed"] or name in point_estimates:
             continue
         term = _per_datum(site, name, nesting, batch_dim, batch_plate, "guide")
         log_w = -term if log_w is None else log_w - term

@@ -272,7 +272,25 @@ def elbo_loss(elbo, model, guide, batch, *, differentiable: bool) -> torch.Tenso
     args, kwargs = batch_args(batch)
     if differentiable:
         return elbo.differentiable_loss(model, guide, *args, **kwargs)
-    return torch.as_tensor(elbo.loss_and_grads(model, guide, *args, **kwargs))
+    return torch.as_tensor(elbo.loss_and_grads(model, _with_param_site(guide), *args, **kwargs))
+
+
+_GRAD_FLAG = "_pyro_seqlatent_has_params"
+
+
+def _with_param_site(guide: Callable) -> Callable:
+    """``guide`` plus one (unused) ``pyro.param`` site.
+
+    ``RenyiELBO.loss_and_grads`` only back-propagates when its traces contain a ``param`` site;
+    parameters of ``nn.Module``s that are not registered with ``pyro.module`` create none, and
+    their gradients would silently stay zero. The flag site restores the backward pass.
+    """
+
+    def wrapped(*args, **kwargs):
+        pyro.param(_GRAD_FLAG, lambda: torch.zeros(()))
+        return guide(*args, **kwargs)
+
+    return wrapped
 
 
 @torch.no_grad()
@@ -487,10 +505,19 @@ def train(
                 n = batch_size(batch)
                 beta = _kl_scale(cfg, step)
                 optimizer.zero_grad(set_to_none=True)
-                loss = elbo_loss(
-                    elbo, _annealed(model, beta), _annealed(guide, beta), batch,
-                    differentiable=differentiable,
-                )
+                try:
+                    loss = elbo_loss(
+                        elbo, _annealed(model, beta), _annealed(guide, beta), batch,
+                        differentiable=differentiable,
+                    )
+                except ValueError as err:
+                    # Pyro's argument validation sees NaN/inf distribution parameters first.
+                    if "Expected parameter" not in str(err) or state["step"] == 0:
+                        raise
+                    raise TrainingDiverged(
+                        step, f"a distribution parameter ({str(err).splitlines()[0]})",
+                        ckpt_path if last_ckpt_step else None, last_ckpt_step,
+                    ) from err
                 if differentiable:
                     loss.backward()
                 max_norm = cfg.clip_norm if cfg.clip_norm is not None else float("inf")

@@ -1,0 +1,129 @@
+"""log_marginal / ELBO against exact answers on tractable models."""
+
+import math
+
+import pytest
+import torch
+
+from pyro_seqlatent.infer import log_marginal
+from pyro_seqlatent.models.conjugate import (
+    AffineNormalGuide,
+    LinearGaussian,
+    LinearGaussianGuide,
+    NormalNormal,
+)
+
+
+def analytic_elbo(model: NormalNormal, guide: AffineNormalGuide, x):
+    """Closed-form E_q[log p(x|z) + log p(z) - log q(z)] for Gaussian q = N(m, s²)."""
+    m = guide.a.detach() * x + guide.b.detach()
+    s2 = guide.log_scale.detach().exp() ** 2
+    n2 = model.noise.detach() ** 2
+    p2 = model.prior_scale**2
+    loglik = -0.5 * math.log(2 * math.pi) - 0.5 * n2.log() - ((x - m) ** 2 + s2) / (2 * n2)
+    logprior = -0.5 * math.log(2 * math.pi * p2) - (m**2 + s2) / (2 * p2)
+    entropy = 0.5 * torch.log(2 * math.pi * math.e * s2)
+    return loglik + logprior + entropy
+
+
+def test_elbo_estimate_matches_closed_form_and_is_below_exact():
+    model = NormalNormal(noise=0.5)
+    guide = AffineNormalGuide(a=0.3, b=0.2, log_scale=-0.2)
+    x = torch.linspace(-2, 2, 7)
+    est = log_marginal(model, guide, x, num_samples=20000, chunk_size=5000)
+    exact_elbo = analytic_elbo(model, guide, x)
+    exact_ll = model.exact_log_marginal(x)
+    # Monte Carlo ELBO within 4 standard errors of the closed form: log w = a + b ε + c ε² with
+    # ε ~ N(0, 1), so Var log w = b² + 2c² is known; b, c from the Gaussian algebra.
+    m = guide.a.detach() * x + guide.b.detach()
+    s = guide.log_scale.detach().exp()
+    n2, p2 = model.noise.detach() ** 2, model.prior_scale**2
+    b = s * (x - m) / n2 - s * m / p2
+    c = -(s**2) / (2 * n2) - s**2 / (2 * p2) + 0.5
+    sem = (b**2 + 2 * c**2).sqrt() / math.sqrt(20000)
+    assert ((est.elbo - exact_elbo).abs() < 4 * sem).all()
+    assert (exact_elbo < exact_ll - 1e-3).all()
+    # the IWAE bound with K = 20000 lies between the ELBO and the exact log-likelihood
+    assert (est.log_marginal > exact_elbo).all()
+    assert (est.log_marginal < exact_ll + 0.05).all()  # an estimate: noisy, but not far above
+
+
+def test_exact_posterior_gives_exact_log_likelihood():
+    model = NormalNormal(noise=0.7)
+    guide = AffineNormalGuide.exact_for(model)
+    x = torch.randn(5) * 2
+    est = log_marginal(model, guide, x, num_samples=16)
+    exact = model.exact_log_marginal(x)
+    assert torch.allclose(est.elbo, exact, atol=1e-5)
+    assert torch.allclose(est.log_marginal, exact, atol=1e-5)
+    assert torch.allclose(est.ess, torch.full_like(est.ess, 16.0), atol=1e-3)
+
+
+@pytest.mark.parametrize("chunk_size", [None, 7])
+def test_iwae_converges_to_exact_as_k_grows(chunk_size):
+    model = NormalNormal(noise=0.5)
+    guide = AffineNormalGuide(a=0.5, b=0.3, log_scale=0.1)  # a poor proposal
+    x = torch.linspace(-2.0, 2.0, 200)
+    exact = model.exact_log_marginal(x)
+    gaps = []
+    for k in (1, 10, 100, 2000):
+        est = log_marginal(model, guide, x, num_samples=k, chunk_size=chunk_size)
+        gaps.append((exact - est.log_marginal).mean().item())
+    assert gaps[0] > 0.1  # K = 1 is the ELBO: clearly below
+    assert gaps[0] > gaps[1] > gaps[2]
+    assert abs(gaps[3]) < 0.02
+
+
+def _linear_gaussian(dtype=torch.float64):
+    g = torch.Generator().manual_seed(3)
+    W = torch.randn(4, 2, generator=g, dtype=dtype)
+    mu = torch.randn(4, generator=g, dtype=dtype)
+    model = LinearGaussian(W, mu, noise_var=0.3)
+    x = (torch.randn(6, 2, generator=g, dtype=dtype) @ W.T + mu
+         + 0.3**0.5 * torch.randn(6, 4, generator=g, dtype=dtype))
+    return model, x
+
+
+def test_linear_gaussian_exact_guide_and_bound():
+    model, x = _linear_gaussian()
+    exact = model.exact_log_marginal(x)
+    guide = LinearGaussianGuide(4, 2).double().set_exact(model)
+    est = log_marginal(model, guide, x, num_samples=8)
+    assert torch.allclose(est.elbo, exact, atol=1e-8)
+    assert torch.allclose(est.log_marginal, exact, atol=1e-8)
+
+    poor = LinearGaussianGuide(4, 2).double()  # q(z|x) = N(0, softplus(0)² I): not the posterior
+    est1 = log_marginal(model, poor, x, num_samples=4000, chunk_size=1000)
+    assert (est1.elbo < exact - 0.05).all()
+    est2 = log_marginal(model, poor, x, num_samples=20000, chunk_size=5000)
+    assert (est2.log_marginal > est1.elbo).all()
+    assert (exact - est2.log_marginal).abs().max() < 0.05
+
+
+def test_global_latent_must_be_point_estimate():
+    import pyro
+    import pyro.distributions as dist
+    from torch import nn
+
+    class Model(nn.Module):
+        def forward(self, x):
+            mu = pyro.sample("mu", dist.Normal(0.0, 1.0))
+            with pyro.plate("data", x.shape[-1]):
+                pyro.sample("x", dist.Normal(mu, 1.0), obs=x)
+
+    class NormalGuide(nn.Module):
+        def forward(self, x):
+            pyro.sample("mu", dist.Normal(0.0, 1.0))
+
+    class DeltaGuide(nn.Module):
+        def forward(self, x):
+            pyro.sample("mu", dist.Delta(torch.tensor(0.5)))
+
+    x = torch.randn(3)
+    with pytest.raises(ValueError, match="outside the batch plate"):
+        log_marginal(Model(), NormalGuide(), x, num_samples=4)
+    est = log_marginal(Model(), DeltaGuide(), x, num_samples=4)
+    expected = dist.Normal(0.5, 1.0).log_prob(x)
+    assert torch.allclose(est.log_marginal, expected, atol=1e-6)
+    with pytest.raises(ValueError, match="no vectorized plate named 'batch'"):
+        log_marginal(Model(), DeltaGuide(), x, num_samples=4, batch_plate="batch")

@@ -1,0 +1,231 @@
+"""The training core: convergence to the exact posterior, exact resume, NaN guard, clipping,
+KL annealing, early stopping, every ELBO family."""
+
+import json
+
+import pyro
+import pyro.distributions as dist
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import TensorDataset
+
+from pyro_seqlatent.infer import ScaleLatents, TrainingDiverged, load_run, train
+from pyro_seqlatent.infer.checkpoint import load_checkpoint
+from pyro_seqlatent.models.conjugate import AffineNormalGuide, NormalNormal
+
+
+def conjugate_data(n=400, noise=0.5, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    z = torch.randn(n, generator=g)
+    return z + noise * torch.randn(n, generator=g)
+
+
+class TensorData(torch.utils.data.Dataset):
+    """Dataset whose items collate to a plain tensor batch (model(batch))."""
+
+    def __init__(self, x):
+        self.x = x
+
+    def __len__(self):
+        return len(self.x)
+
+    def __getitem__(self, i):
+        return self.x[i]
+
+
+@pytest.mark.parametrize(
+    "elbo, extra",
+    [
+        ("Trace_ELBO", {}),
+        ("TraceMeanField_ELBO", {}),
+        ("TraceGraph_ELBO", {}),  # no differentiable_loss: loss_and_grads path
+        ("RenyiELBO", {"alpha": 0.0, "num_particles": 2}),  # IWAE bound, loss_and_grads
+    ],
+)
+def test_converges_to_analytic_posterior(elbo, extra):
+    model = NormalNormal(noise=0.5)
+    guide = AffineNormalGuide()
+    x = conjugate_data()
+    result = train(model, guide, TensorData(x), elbo=elbo, elbo_kwargs=extra, num_steps=600,
+                   batch_size=100, lr=0.06, lr_schedule="cosine", progress=False)
+    assert result.step == 600 and result.stopped == "completed"
+    a_true = 1.0 / 1.25
+    s_true = (0.25 / 1.25) ** 0.5
+    assert abs(guide.a.item() - a_true) < 0.05
+    assert abs(guide.b.item()) < 0.05
+    assert abs(guide.log_scale.exp().item() - s_true) < 0.05
+    # the loss reported is per data point and approaches -E log p(x)
+    exact = -model.exact_log_marginal(x).mean().item()
+    late = sum(r["loss"] for r in result.history[-100:]) / 100
+    assert abs(late - exact) < 0.1
+
+
+def _run(tmp_path, name, num_steps, interrupt_at=None, resume=False):
+    pyro.clear_param_store()
+    model = NormalNormal(noise=0.5, learn_noise=True)
+    guide = AffineNormalGuide()
+    x = conjugate_data(n=50)
+
+    def stop(record, model, guide):
+        if interrupt_at is not None and record["step"] == interrupt_at:
+            raise KeyboardInterrupt
+
+    kwargs = dict(
+        num_steps=num_steps, batch_size=8, lr=0.05, seed=7, checkpoint_every=5,
+        valid_every=4, kl_anneal_steps=10, kl_anneal_start=0.1, clip_norm=5.0,
+        lr_schedule="cosine", progress=False,
+    )
+    return train(model, guide, TensorData(x), valid_data=TensorData(x[:20]),
+                 run_dir=tmp_path / name, resume=resume, callbacks=[stop], **kwargs), guide
+
+
+def test_resume_reproduces_uninterrupted_run_exactly(tmp_path):
+    full, full_guide = _run(tmp_path, "full", 23)
+    with pytest.raises(KeyboardInterrupt):
+        _run(tmp_path, "cut", 23, interrupt_at=13)  # last checkpoint at step 10 (mid-epoch)
+    assert load_checkpoint(tmp_path / "cut" / "checkpoint.pt")["state"]["step"] == 10
+    resumed, resumed_guide = _run(tmp_path, "cut", 23, resume=True)
+    losses_full = [r["loss"] for r in full.history]
+    losses_resumed = [r["loss"] for r in resumed.history]
+    assert len(losses_full) == len(losses_resumed) == 23
+    assert losses_full == losses_resumed  # bit-for-bit
+    assert [r.get("valid_loss") for r in full.history] == [
+        r.get("valid_loss") for r in resumed.history
+    ]
+    for p, q in zip(full_guide.parameters(), resumed_guide.parameters()):
+        assert torch.equal(p, q)
+    rows = [json.loads(line) for line in open(tmp_path / "cut" / "metrics.jsonl")]
+    assert [r["step"] for r in rows] == list(range(1, 24))
+
+
+class ExplodingModel(NormalNormal):
+    """From its 8th call on, its log-density is NaN (through a factor, or through a NaN
+    distribution parameter that Pyro's validation reports)."""
+
+    def __init__(self, via):
+        super().__init__(learn_noise=True)
+        self.calls = 0
+        self.via = via
+
+    def forward(self, x):
+        self.calls += 1
+        bad = self.calls >= 8
+        noise = self.noise * float("nan") if bad and self.via == "parameter" else self.noise
+        with pyro.plate("data", x.shape[-1]):
+            z = pyro.sample("z", dist.Normal(0.0, 1.0))
+            pyro.sample("x", dist.Normal(z, noise), obs=x)
+            if bad and self.via == "factor":
+                pyro.factor("boom", torch.full_like(x, float("nan")))
+
+
+@pytest.mark.parametrize("via, what", [("factor", "the loss"),
+                                       ("parameter", "a distribution parameter")])
+def test_nan_loss_stops_with_last_good_checkpoint_intact(tmp_path, via, what):
+    model, guide = ExplodingModel(via), AffineNormalGuide()
+    x = conjugate_data(n=64)
+    # the first model call is the trainer's parameter probe; step k is call k + 1
+    with pytest.raises(TrainingDiverged, match=rf"step 7: {what} .*step 5\)") as info, \
+            pyro.validation_enabled(via == "parameter"):
+        train(model, guide, TensorData(x), num_steps=20, batch_size=16, checkpoint_every=5,
+              run_dir=tmp_path, progress=False)
+    assert info.value.step == 7 and info.value.checkpoint_step == 5
+    ckpt = load_checkpoint(tmp_path / "checkpoint.pt")
+    assert ckpt["state"]["step"] == 5
+    assert all(torch.isfinite(v).all() for v in ckpt["guide"].values())
+    run = load_run(tmp_path, which="last", model=NormalNormal(learn_noise=True),
+                   guide=AffineNormalGuide())
+    assert torch.equal(run.guide.a.detach(), ckpt["guide"]["a"])
+
+
+def test_nan_gradient_is_caught_before_the_step(tmp_path):
+    model, guide = NormalNormal(), AffineNormalGuide()
+    x = conjugate_data(n=64)
+    calls = {"n": 0}
+
+    def poison(grad):
+        calls["n"] += 1
+        return grad * float("nan") if calls["n"] == 3 else grad
+
+    guide.b.register_hook(poison)
+    with pytest.raises(TrainingDiverged, match="step 3: the gradient norm"):
+        train(model, guide, TensorData(x), num_steps=10, batch_size=16, progress=False)
+    assert torch.isfinite(guide.b).all()  # the poisoned step was never applied
+
+
+def test_gradient_clipping_happens_before_the_step():
+    x = conjugate_data(n=32) + 30.0  # far from the prior: a huge gradient
+    for clip, bound in ((0.1, 0.1 + 1e-6), (None, None)):
+        guide = AffineNormalGuide()
+        before = torch.cat([p.detach().clone().reshape(-1) for p in guide.parameters()])
+        train(NormalNormal(), guide, TensorData(x), num_steps=1, batch_size=32,
+              optimizer="sgd", lr=1.0, clip_norm=clip, progress=False)
+        after = torch.cat([p.detach().reshape(-1) for p in guide.parameters()])
+        moved = (after - before).norm().item()
+        if bound is not None:
+            assert moved <= bound
+        else:
+            assert moved > 10.0
+
+
+def test_kl_annealing_scales_only_latent_terms():
+    model, guide = NormalNormal(), AffineNormalGuide(a=0.2, b=0.1)
+    x = conjugate_data(n=10)
+    elbo = pyro.infer.Trace_ELBO()
+
+    def loss(beta):
+        pyro.set_rng_seed(3)
+        return elbo.differentiable_loss(ScaleLatents(beta)(model), ScaleLatents(beta)(guide), x)
+
+    l0, lh, l1 = loss(0.0), loss(0.5), loss(1.0)
+    assert torch.allclose(lh, 0.5 * (l0 + l1), atol=1e-5)
+    pyro.set_rng_seed(3)
+    z = dist.Normal(guide.a * x + guide.b, guide.log_scale.exp()).sample()
+    expected_l0 = -dist.Normal(z, model.noise).log_prob(x).sum()
+    assert torch.allclose(l0, expected_l0, atol=1e-5)
+
+
+def test_early_stopping_and_best_checkpoint(tmp_path):
+    x = conjugate_data(n=40)
+    result = train(NormalNormal(), AffineNormalGuide(), TensorData(x), valid_data=TensorData(x),
+                   num_steps=200, batch_size=10, lr=1e-12, valid_every=2,
+                   early_stopping_patience=3, run_dir=tmp_path, progress=False)
+    assert result.stopped == "early_stopping"
+    assert result.step == 8  # best at step 2, then three validations without improvement
+    assert (tmp_path / "best.pt").exists()
+    assert load_checkpoint(tmp_path / "best.pt")["state"]["step"] == 2
+
+
+def test_tuple_and_dict_batches_and_bad_options():
+    x = conjugate_data(n=20)
+
+    class DictModel(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner = NormalNormal()
+
+        def forward(self, x, weight=None):
+            return self.inner(x)
+
+    class DictGuide(AffineNormalGuide):
+        def forward(self, x, weight=None):
+            return super().forward(x)
+
+    class Dicts(torch.utils.data.Dataset):
+        def __len__(self):
+            return 20
+
+        def __getitem__(self, i):
+            return {"x": x[i], "weight": torch.tensor(1.0)}
+
+    result = train(DictModel(), DictGuide(), Dicts(), num_steps=3, batch_size=5, progress=False)
+    assert len(result.history) == 3
+    result = train(NormalNormal(), AffineNormalGuide(), TensorDataset(x), num_steps=2,
+                   batch_size=5, progress=False)
+    assert len(result.history) == 2
+    with pytest.raises(TypeError, match="unknown option"):
+        train(NormalNormal(), AffineNormalGuide(), TensorDataset(x), num_steps=1, learning=1)
+    with pytest.raises(ValueError, match="num_steps or num_epochs"):
+        train(NormalNormal(), AffineNormalGuide(), TensorDataset(x))
+    with pytest.raises(TypeError, match="nn.Module"):
+        train(lambda x: None, AffineNormalGuide(), TensorDataset(x), num_steps=1)
