@@ -1,5 +1,6 @@
 """Reusable site guides (mean-field and flow) for any named latent site."""
 
+from pyro_seqlatent.guides.flow import FlowGuide
 from pyro_seqlatent.guides.site import MeanFieldGuide, SiteGuide
 
-__all__ = ["MeanFieldGuide", "SiteGuide"]
+__all__ = ["FlowGuide", "MeanFieldGuide", "SiteGuide"]
