@@ -11,6 +11,7 @@ from pyro_seqlatent.em import GaussianMixture
 from pyro_seqlatent.em.kmeans import kmeans, kmeans_plusplus
 
 TYPES = ("full", "diag", "spherical")
+pytestmark = pytest.mark.filterwarnings("ignore::sklearn.exceptions.ConvergenceWarning")
 
 
 def blobs(n=400, overlap=1.0, seed=0):

@@ -9,5 +9,6 @@ EM never decreases it (beyond round-off) when no regularisation is added.
 """
 
 from pyro_seqlatent.em.gmm import GaussianMixture, GMMStatistics
+from pyro_seqlatent.em.ppca import PPCA, PPCAStatistics
 
-__all__ = ["GMMStatistics", "GaussianMixture"]
+__all__ = ["GMMStatistics", "GaussianMixture", "PPCA", "PPCAStatistics"]
