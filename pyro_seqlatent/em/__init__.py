@@ -9,6 +9,8 @@ EM never decreases it (beyond round-off) when no regularisation is added.
 """
 
 from pyro_seqlatent.em.gmm import GaussianMixture, GMMStatistics
+from pyro_seqlatent.em.lgssm import LinearGaussianSSM, SSMStatistics
 from pyro_seqlatent.em.ppca import PPCA, PPCAStatistics
 
-__all__ = ["GMMStatistics", "GaussianMixture", "PPCA", "PPCAStatistics"]
+__all__ = ["GMMStatistics", "GaussianMixture", "LinearGaussianSSM", "PPCA", "PPCAStatistics",
+           "SSMStatistics"]
