@@ -78,6 +78,8 @@ class ModelSpec:
 
 _REGISTRY: dict[str, ModelSpec] = {}
 _LOADED = False
+# Non-model modules that register CLI subcommands.
+_EXTRA_MODULES = ("pyro_seqlatent.infer.estimators", "pyro_seqlatent.em.compare")
 
 
 def register_model(spec: ModelSpec) -> ModelSpec:
@@ -99,6 +101,12 @@ def load_builtin_models() -> None:
     for info in pkgutil.iter_modules(pkg.__path__):
         if not info.name.startswith("_"):
             importlib.import_module(f"{pkg.__name__}.{info.name}")
+    for extra in _EXTRA_MODULES:
+        try:
+            importlib.import_module(extra)
+        except ModuleNotFoundError as err:  # modules that have not landed yet
+            if err.name != extra:
+                raise
     try:
         from importlib.metadata import entry_points
 
@@ -118,3 +126,48 @@ def get_model(name: str) -> ModelSpec:
 def list_models() -> list[str]:
     load_builtin_models()
     return sorted(_REGISTRY)
+
+
+@dataclass
+class CommandSpec:
+    """An extra ``pyro-seqlatent`` subcommand (e.g. ``compare-estimators``, ``em-vs-svi``).
+
+    :param add_arguments: ``add_arguments(parser)`` declares its flags.
+    :param run: ``run(args) -> int`` does the work (exit status).
+    """
+
+    name: str
+    help: str
+    add_arguments: Callable
+    run: Callable
+
+
+_COMMANDS: dict[str, CommandSpec] = {}
+
+
+def register_command(spec: CommandSpec) -> CommandSpec:
+    """Add a subcommand to the ``pyro-seqlatent`` CLI (from any module under ``models/`` or
+    ``infer/`` that :func:`load_builtin_models` imports)."""
+    _COMMANDS[spec.name] = spec
+    return spec
+
+
+def list_commands() -> dict[str, CommandSpec]:
+    load_builtin_models()
+    return dict(_COMMANDS)
+
+
+_DEMO_SECTIONS: dict[str, Callable] = {}
+
+
+def register_demo_section(name: str, run: Callable) -> Callable:
+    """Add a section to ``make demo``'s report that is not a registered model's training run
+    (e.g. EM vs SVI). ``run(out_dir, data_root, device) -> str`` writes its files under
+    ``out_dir`` and returns the section's Markdown (figures linked relative to ``out_dir``)."""
+    _DEMO_SECTIONS[name] = run
+    return run
+
+
+def list_demo_sections() -> dict[str, Callable]:
+    load_builtin_models()
+    return dict(_DEMO_SECTIONS)

@@ -21,6 +21,7 @@ import pyro
 import pyro.distributions as dist
 import pyro.poutine as poutine
 import torch
+from pyro.distributions.util import scale_and_mask
 from pyro.poutine.util import site_is_subsample
 from torch.utils.data import DataLoader, Dataset
 
@@ -172,7 +173,11 @@ def _per_datum(site: dict, name: str, nesting: int, batch_dim: int, batch_plate:
             f"{role} site {name!r} lies outside the batch plate {batch_plate!r}; only point "
             "estimates (a Delta guide site) may"
         )
-    lp = site["log_prob"]
+    # log p or log q of the site with its mask but without plate subsampling or annealing
+    # scales: log_marginal estimates log p(x_n) itself.
+    lp = scale_and_mask(site["unscaled_log_prob"], 1.0, site["mask"])
+    if not torch.is_tensor(lp):
+        lp = torch.as_tensor(lp)
     lp = lp.reshape((1,) * (nesting + 1 - lp.dim()) + tuple(lp.shape))
     b = nesting + 1 + batch_dim
     other = [d for d in range(lp.dim()) if d not in (0, b)]

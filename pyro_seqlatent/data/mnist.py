@@ -1,0 +1,50 @@
+"""Statically binarized MNIST (Larochelle & Murray 2011): 50,000 / 10,000 / 10,000 images.
+
+The set of the VAE, planar-flow and IWAE papers. Files
+``binarized_mnist/binarized_mnist_{train,valid,test}.mat`` under the data root (MATLAB v5,
+``X`` uint8 in {0, 1}, shape (N, 784)).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from torch.utils.data import Dataset
+
+from pyro_seqlatent.data.root import data_file
+
+SPLITS = ("train", "valid", "test")
+IMAGE_SHAPE = (28, 28)
+
+
+def load_binarized_mnist(split: str, root: str | os.PathLike | None = None) -> torch.Tensor:
+    """The ``split`` images as a float32 tensor of 0/1 values, shape ``(N, 784)``."""
+    if split not in SPLITS:
+        raise ValueError(f"split={split!r}: use one of {SPLITS}")
+    import scipy.io
+
+    path = data_file(f"binarized_mnist/binarized_mnist_{split}.mat", root)
+    array = scipy.io.loadmat(path)["X"]
+    if array.ndim != 2 or array.shape[1] != 784:
+        raise ValueError(f"{path}: expected X of shape (N, 784), got {array.shape}")
+    return torch.from_numpy(array.astype("float32"))
+
+
+class BinarizedMNIST(Dataset):
+    """One split of statically binarized MNIST; items are ``(784,)`` float tensors in {0, 1}.
+
+    :param limit: keep only the first ``limit`` images (quick runs).
+    """
+
+    def __init__(self, split: str = "train", root: str | os.PathLike | None = None,
+                 limit: int | None = None):
+        images = load_binarized_mnist(split, root)
+        self.images = images[:limit] if limit else images
+        self.split = split
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        return self.images[index]
