@@ -46,15 +46,17 @@ def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
-def _add_options(group, defaults: dict[str, Any], types: dict[str, type] | None = None) -> None:
+def _add_options(group, defaults: dict[str, Any], types: dict[str, type] | None = None,
+                 helps: dict[str, str] | None = None) -> None:
     for name, default in defaults.items():
         kind = type(default) if default is not None else (types or {}).get(name, str)
+        text = f"{(helps or {}).get(name, '')} (default: {default})".strip()
         if kind is bool:
             group.add_argument(_flag(name), dest=name, action=argparse.BooleanOptionalAction,
-                               default=argparse.SUPPRESS, help=f"(default: {default})")
+                               default=argparse.SUPPRESS, help=text)
         else:
             group.add_argument(_flag(name), dest=name, type=kind, default=argparse.SUPPRESS,
-                               metavar=kind.__name__.upper(), help=f"(default: {default})")
+                               metavar=kind.__name__.upper(), help=text)
 
 
 def _train_defaults() -> dict[str, Any]:
@@ -78,19 +80,19 @@ def _train_parser(spec: ModelSpec) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=f"pyro-seqlatent train {spec.name}",
         description=spec.description or f"Train the registered model {spec.name!r} by SVI.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     _common(parser)
     parser.add_argument("--run-dir", default=None,
                         help="output folder (default: runs/<model>-<time>)")
     parser.add_argument("--resume", action="store_true",
                         help="continue from RUN_DIR/checkpoint.pt")
-    parser.add_argument("--elbo", default=spec.elbo, choices=list(ELBOS), help="the ELBO")
+    parser.add_argument("--elbo", default=spec.elbo, choices=list(ELBOS), metavar="ELBO",
+                        help=f"one of {', '.join(ELBOS)} (default: {spec.elbo})")
     parser.add_argument("--num-particles", type=int, default=1,
-                        help="particles per ELBO estimate")
+                        help="particles per ELBO estimate, vectorized (default: 1)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     model_group = parser.add_argument_group(f"{spec.name} options")
-    _add_options(model_group, spec.defaults)
+    _add_options(model_group, spec.defaults, helps=spec.option_help)
     train_group = parser.add_argument_group("training options")
     defaults = {**_train_defaults(), **spec.train_defaults}
     _add_options(train_group, {k: v for k, v in defaults.items() if k in _train_defaults()},
@@ -223,13 +225,15 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("list", help="list the registered models")
     sub.add_parser("train", help="train a model: pyro-seqlatent train MODEL --help",
                    add_help=False)
-    ev = sub.add_parser("evaluate", help="importance-sampled log p(x) and ELBO of a run",
-                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    ev = sub.add_parser("evaluate", help="importance-sampled log p(x) and ELBO of a run")
     ev.add_argument("run_dir")
-    ev.add_argument("--split", default="test", choices=["train", "valid", "test"])
-    ev.add_argument("--num-samples", type=int, default=1000, help="importance samples K")
-    ev.add_argument("--max-points", type=int, default=None, help="first N points of the split")
-    ev.add_argument("--batch-size", type=int, default=100)
+    ev.add_argument("--split", default="test", choices=["train", "valid", "test"],
+                    help="which split (default: test)")
+    ev.add_argument("--num-samples", type=int, default=1000,
+                    help="importance samples K per data point (default: 1000)")
+    ev.add_argument("--max-points", type=int, default=None,
+                    help="only the first N points of the split (default: all)")
+    ev.add_argument("--batch-size", type=int, default=100, help="(default: 100)")
     _common(ev)
     sa = sub.add_parser("sample", help="draw from a trained model's generative process")
     sa.add_argument("run_dir")
@@ -247,6 +251,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from pyro_seqlatent.data.root import DataNotFoundError
+    from pyro_seqlatent.infer import TrainingDiverged
+
+    try:
+        return _main(argv)
+    except (DataNotFoundError, TrainingDiverged) as err:
+        print(f"pyro-seqlatent: error: {err}", file=sys.stderr)
+        return 2
+
+
+def _main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "train":
         return _cmd_train(argv[1:])

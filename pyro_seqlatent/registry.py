@@ -50,6 +50,8 @@ class ModelSpec:
     :param demo: overrides (options and train settings) for the short run of ``make demo``.
     :param plot: ``plot(model, guide, datasets, options, out_dir) -> list[path]`` figures for the
         report.
+    :param description: one line for ``pyro-seqlatent list`` and ``--help``.
+    :param option_help: help text of each option (shown by ``--help``).
     """
 
     name: str
@@ -64,6 +66,7 @@ class ModelSpec:
     demo: dict[str, Any] = field(default_factory=dict)
     plot: Callable | None = None
     description: str = ""
+    option_help: dict[str, str] = field(default_factory=dict)
 
     def options(self, **overrides) -> dict:
         """The defaults updated with ``overrides``; unknown keys raise a clear error."""

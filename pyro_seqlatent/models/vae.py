@@ -42,7 +42,7 @@ GUIDES = ("meanfield", "planar", "radial", "iaf", "iaf_gated", "nice", "real_nvp
 
 
 class Decoder(nn.Module):
-    """``z -> `` observation parameters; weights may be passed in (MAP sampling sites)."""
+    """Maps ``z`` to observation parameters; weights may be passed in (MAP sampling sites)."""
 
     def __init__(self, latent_dim: int, hidden_dims: Sequence[int], out_dim: int):
         super().__init__()
@@ -307,4 +307,13 @@ register_model(ModelSpec(
         "eval": {"num_samples": 200, "max_points": 500},
     },
     description="VAE on statically binarized MNIST with mean-field or flow guides",
+    option_help={
+        "latent_dim": "size of z",
+        "hidden_dims": "comma-separated hidden sizes of encoder and decoder",
+        "guide": f"site guide for z: one of {', '.join(GUIDES)}",
+        "num_flows": "K, the number of flows of a flow guide",
+        "weight_prior_scale": "> 0: MAP mode with N(0, s^2) priors on decoder weights",
+        "train_limit": "use only the first N training images (0: all 50,000)",
+        "valid_limit": "use only the first N validation images (0: all 10,000)",
+    },
 ))

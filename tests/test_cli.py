@@ -1,0 +1,64 @@
+"""The command line: list, train (model options as flags), evaluate, sample, resume, errors."""
+
+import json
+
+import pytest
+
+from conftest import require_data
+from pyro_seqlatent.cli import main
+from pyro_seqlatent.infer import load_run
+from pyro_seqlatent.registry import ModelSpec, get_model, list_models, register_model
+
+
+def test_list_and_help(capsys):
+    assert main(["list"]) == 0
+    assert "vae" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        main(["train", "vae", "--help"])
+    out = capsys.readouterr().out
+    assert "--guide" in out and "--clip-norm" in out and "--num-flows" in out
+    assert main(["train"]) == 2
+
+
+def test_registry_rejects_unknown_names_and_options():
+    with pytest.raises(KeyError, match="registered models"):
+        get_model("no-such-model")
+    with pytest.raises(ValueError, match="no option"):
+        get_model("vae").options(latent=3)
+    with pytest.raises(TypeError, match="ModelSpec"):
+        register_model("vae")
+    assert "vae" in list_models() and isinstance(get_model("vae"), ModelSpec)
+
+
+def test_train_evaluate_sample_resume_end_to_end(tmp_path, capsys):
+    require_data("binarized_mnist/binarized_mnist_train.mat")
+    run = tmp_path / "vae"
+    args = ["train", "vae", "--latent-dim", "2", "--hidden-dims", "32", "--guide", "planar",
+            "--num-flows", "2", "--train-limit", "300", "--valid-limit", "100",
+            "--num-steps", "6", "--batch-size", "50", "--valid-every", "3",
+            "--checkpoint-every", "3", "--run-dir", str(run), "--no-progress", "--seed", "3"]
+    assert main(args) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["steps"] == 6
+    config = json.loads((run / "config.json").read_text())
+    assert config["model"] == "vae" and config["options"]["guide"] == "planar"
+    loaded = load_run(run)
+    assert loaded.options["latent_dim"] == 2 and len(loaded.metrics) == 6
+    assert main(["evaluate", str(run), "--num-samples", "8", "--max-points", "20"]) == 0
+    out = json.loads((run / "eval_test_K8.json").read_text())
+    assert out["num_points"] == 20 and out["log_marginal"] >= out["elbo"]
+    assert main(["sample", str(run), "-n", "3"]) == 0
+    import torch
+
+    assert torch.load(run / "samples.pt").shape == (3, 28, 28)
+    # resume to 9 steps continues from the checkpoint at step 6
+    assert main([*args[:-5], "--num-steps", "9", "--run-dir", str(run), "--no-progress",
+                 "--seed", "3", "--resume"]) == 0
+    assert len(load_run(run, which="last").metrics) == 9
+
+
+def test_missing_data_is_a_clear_cli_error(tmp_path, capsys):
+    code = main(["train", "vae", "--num-steps", "1", "--data-root", str(tmp_path),
+                 "--run-dir", str(tmp_path / "r"), "--no-progress"])
+    assert code == 2
+    assert "PYRO_SEQLATENT_DATA" in capsys.readouterr().err
