@@ -1,0 +1,197 @@
+r"""Irregularly sampled multivariate time series: validation of times and batch collation.
+
+An *item* is a dict ``{"times": (N_i,), "values": (N_i, D), "mask": (N_i, D)}`` plus optional
+extra masks of the same shape as ``values`` (e.g. ``"obs_mask"``: what an encoder may see, while
+``"mask"`` marks the entries a likelihood scores). Entries with mask 0 are ignored; their value
+is stored as 0.
+
+Two ways to batch sequences with different time stamps:
+
+* :func:`union_grid_collate` — the sorted union :math:`\mathcal T = \bigcup_b \{t_{b,i}\}` of
+  the batch's times as one shared grid ``(U,)``; values and masks scattered into ``(B, U, D)``
+  (a sequence is unobserved at the others' times). torchdiffeq solves once on :math:`\mathcal T`
+  (extra output times cost no extra evaluations of the vector field).
+* :func:`padded_collate` — per-sequence times ``(B, N_max)`` padded by repeating each row's last
+  time, for the time-rescaled solve :func:`pyro_seqlatent.nn.ode.odeint_rescaled`.
+
+Batches are dicts whose first key is ``"values"`` (the trainer reads the batch size from the
+leading dimension of the first tensor).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch.utils.data import Dataset
+
+MASK_KEYS = ("mask", "obs_mask")
+
+
+def validate_times(times, name: str = "times", shared: bool | None = None,
+                   allow_padding: bool = True) -> torch.Tensor:
+    """Check a time tensor and return it.
+
+    ``shared=True``: one strictly increasing grid ``(N,)``. ``shared=False``: per-sequence grids
+    ``(B, N)``, each row strictly increasing, then optionally constant (padding repeats the last
+    time) when ``allow_padding``. ``None`` accepts either. Raises ``TypeError``/``ValueError``
+    naming ``name`` and the fix for non-tensors, integer dtypes, wrong shapes, NaN/inf, unsorted
+    or duplicate times.
+    """
+    if not torch.is_tensor(times):
+        raise TypeError(f"{name} must be a torch tensor, got {type(times).__name__}")
+    if not times.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor, got dtype {times.dtype}; "
+                        f"convert with {name}.float()")
+    dims = {True: (1,), False: (2,), None: (1, 2)}[shared]
+    if times.dim() not in dims:
+        want = {(1,): "(N,)", (2,): "(B, N)", (1, 2): "(N,) or (B, N)"}[dims]
+        raise ValueError(f"{name} must have shape {want}, got {tuple(times.shape)}")
+    if times.shape[-1] == 0:
+        raise ValueError(f"{name} is empty: a sequence needs at least one time point")
+    if not torch.isfinite(times).all():
+        raise ValueError(f"{name} contains NaN or inf; drop those observations first")
+    diffs = times[..., 1:] - times[..., :-1]
+    if (diffs < 0).any():
+        raise ValueError(f"{name} must be sorted in increasing order; sort each sequence by time "
+                         "(and its values and masks with it)")
+    zero = diffs == 0
+    if zero.any():
+        if times.dim() == 1 or not allow_padding:
+            raise ValueError(f"{name} has duplicate time points; merge observations that share a "
+                             "time into one row (masks mark the observed features)")
+        # padding: once a row repeats its time it must stay constant to the end
+        if (zero[..., :-1] & ~zero[..., 1:]).any():
+            raise ValueError(f"{name} has duplicate time points inside a sequence; only trailing "
+                             "padding (repeating the last time) may repeat")
+    return times
+
+
+def validate_item(item: dict, index: int | None = None) -> None:
+    """Check one item's keys, shapes and times (see the module docstring)."""
+    where = "item" if index is None else f"item {index}"
+    for key in ("times", "values", "mask"):
+        if key not in item:
+            raise ValueError(f"{where} has no {key!r}; items need 'times', 'values' and 'mask'")
+    times, values = item["times"], item["values"]
+    validate_times(times, name=f"{where}['times']", shared=True)
+    if not torch.is_tensor(values) or values.dim() != 2 or values.shape[0] != times.shape[0]:
+        raise ValueError(f"{where}['values'] must be (N, D) with N = len(times) = "
+                         f"{times.shape[0]}, got {tuple(getattr(values, 'shape', ()))}")
+    for key in MASK_KEYS:
+        if key in item and tuple(item[key].shape) != tuple(values.shape):
+            raise ValueError(f"{where}[{key!r}] has shape {tuple(item[key].shape)}, expected "
+                             f"{tuple(values.shape)} like 'values'")
+
+
+def union_grid_collate(items: Sequence[dict]) -> dict:
+    """Collate items onto the sorted union of their times (vectorized scatter).
+
+    Returns ``{"values": (B, U, D), "mask": (B, U, D), ["obs_mask": (B, U, D),] "times": (U,)}``.
+    """
+    if len(items) == 0:
+        raise ValueError("union_grid_collate got an empty batch")
+    for i, item in enumerate(items):
+        validate_item(item, i)
+    dims = {item["values"].shape[-1] for item in items}
+    if len(dims) != 1:
+        raise ValueError(f"items have different numbers of features {sorted(dims)}")
+    d = dims.pop()
+    lengths = torch.tensor([item["times"].shape[0] for item in items])
+    all_times = torch.cat([item["times"] for item in items])
+    grid, position = torch.unique(all_times, sorted=True, return_inverse=True)
+    row = torch.repeat_interleave(torch.arange(len(items)), lengths).to(position.device)
+    batch = {}
+    keys = ["values", "mask"] + [k for k in MASK_KEYS[1:] if k in items[0]]
+    for key in keys:
+        flat = torch.cat([item[key] for item in items])
+        out = flat.new_zeros(len(items), grid.shape[0], d)
+        out[row, position] = flat
+        batch[key] = out
+    batch["times"] = grid
+    return batch
+
+
+def padded_collate(items: Sequence[dict]) -> dict:
+    """Collate items with their own times: ``"times"`` ``(B, N_max)`` padded by repeating each
+    row's last time, values/masks ``(B, N_max, D)`` zero-padded (masks 0 in the padding)."""
+    if len(items) == 0:
+        raise ValueError("padded_collate got an empty batch")
+    for i, item in enumerate(items):
+        validate_item(item, i)
+    n_max = max(item["times"].shape[0] for item in items)
+    batch = {}
+    keys = ["values", "mask"] + [k for k in MASK_KEYS[1:] if k in items[0]]
+    for key in keys:
+        out = items[0][key].new_zeros(len(items), n_max, items[0][key].shape[-1])
+        for b, item in enumerate(items):
+            out[b, : item[key].shape[0]] = item[key]
+        batch[key] = out
+    times = items[0]["times"].new_zeros(len(items), n_max)
+    for b, item in enumerate(items):
+        t = item["times"]
+        times[b, : t.shape[0]] = t
+        times[b, t.shape[0]:] = t[-1]
+    batch["times"] = times
+    return batch
+
+
+class IrregularDataset(Dataset):
+    """A list of items (see the module docstring), validated once."""
+
+    def __init__(self, items: Sequence[dict]):
+        for i, item in enumerate(items):
+            validate_item(item, i)
+        self.items = list(items)
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, index: int) -> dict:
+        return self.items[index]
+
+    @property
+    def num_features(self) -> int:
+        return int(self.items[0]["values"].shape[-1])
+
+
+def interpolation_masks(mask: torch.Tensor, fraction: float, generator: torch.Generator):
+    """Observe a random ``fraction`` of the time points that have data (at least one), score all.
+
+    ``mask`` is ``(N, D)``; returns ``(obs_mask, target_mask)``: the observed subset's rows and
+    the full ``mask`` (the reference protocol reconstructs every point).
+    """
+    if not 0 < fraction <= 1:
+        raise ValueError(f"fraction must lie in (0, 1], got {fraction!r}")
+    rows = torch.nonzero(mask.any(-1)).squeeze(-1)
+    k = max(1, round(fraction * rows.numel()))
+    keep = rows[torch.randperm(rows.numel(), generator=generator)[:k]]
+    obs = torch.zeros_like(mask)
+    obs[keep] = mask[keep]
+    return obs, mask.clone()
+
+
+def extrapolation_masks(times: torch.Tensor, mask: torch.Tensor, split: float):
+    """Observe ``t <= split``, score ``t > split``: ``(obs_mask, target_mask)``."""
+    before = (times <= split).unsqueeze(-1).to(mask.dtype)
+    return mask * before, mask * (1 - before)
+
+
+def apply_task(items: Sequence[dict], task: str, *, fraction: float = 0.5,
+               split: float | None = None, seed: int = 0) -> list[dict]:
+    """Items with ``"obs_mask"`` (encoder input) and ``"mask"`` (scored) for a task:
+    ``"interp"`` (observe ``fraction`` of the points, reconstruct all) or ``"extrap"`` (observe
+    ``t <= split``, predict the rest)."""
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    for item in items:
+        if task == "interp":
+            obs, target = interpolation_masks(item["mask"], fraction, gen)
+        elif task == "extrap":
+            if split is None:
+                raise ValueError("task='extrap' needs split=<time that ends the observed part>")
+            obs, target = extrapolation_masks(item["times"], item["mask"], split)
+        else:
+            raise ValueError(f"task={task!r}: use 'interp' or 'extrap'")
+        out.append({**item, "mask": target, "obs_mask": obs})
+    return out
