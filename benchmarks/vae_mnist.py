@@ -1,0 +1,223 @@
+"""VAE on statically binarized MNIST: guide kind x K flows -> test ELBO and -log p(x).
+
+Every row trains the same decoder (40 latents, 400 hidden units, as Rezende & Mohamed 2015's
+MNIST setup) with a different guide for a fixed wall-clock budget through the project's one
+``train``, then scores a fixed test subset with ``evaluate`` (importance sampling, K samples).
+Writes ``benchmarks/results/vae_mnist.{json,md}`` and learning curves. Optional ``--nuts``
+compares each guide's q(z|x) with NUTS draws from the true posterior for a 2-D latent model.
+
+    python benchmarks/vae_mnist.py --minutes 60 --num-samples 5000 --test-points 1000
+    python benchmarks/vae_mnist.py --minutes 3 --num-samples 500 --test-points 500   # quick
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from pathlib import Path
+
+import pyro
+import torch
+
+from pyro_seqlatent.cli import train_system
+from pyro_seqlatent.infer import evaluate
+from pyro_seqlatent.infer.run import read_metrics
+
+ROWS = [
+    ("meanfield", 0),
+    ("planar", 10),
+    ("planar", 40),
+    ("iaf", 4),
+    ("real_nvp", 4),
+    ("nice", 4),
+]
+ANCHORS = {  # -log p(x) in nats on statically binarized MNIST (upper bounds in the papers)
+    "planar": ("Rezende & Mohamed 2015, planar K=80", 85.1),
+    "nice": ("Rezende & Mohamed 2015, NICE K=80", 87.2),
+    "iaf": ("Kingma et al. 2016, IAF (conv ResNet nets)", 79.88),
+}
+
+
+def run_row(guide: str, flows: int, args, out: Path) -> dict:
+    name = f"{guide}" + (f"-K{flows}" if flows else "")
+    run_dir = out / "vae_mnist_runs" / name
+    options = {"guide": guide, "num_flows": max(flows, 1), "latent_dim": args.latent_dim,
+               "hidden_dims": args.hidden_dims, "valid_limit": 1000}
+    t0 = time.perf_counter()
+    result, model, guide_mod, data = train_system(
+        "vae", options, run_dir, num_epochs=args.max_epochs, batch_size=100, lr=args.lr,
+        lr_schedule=None, clip_norm=100.0, valid_every=args.valid_every,
+        max_time_s=args.minutes * 60, seed=args.seed, progress=not args.quiet,
+        checkpoint_every=2000,
+    )
+    train_s = time.perf_counter() - t0
+    test = torch.utils.data.Subset(data["test"], range(args.test_points))
+    pyro.set_rng_seed(0)
+    ev = evaluate(model, guide_mod, test, num_samples=args.num_samples, batch_size=50,
+                  chunk_size=500, seed=args.seed)
+    steps_per_epoch = math.ceil(len(data["train"]) / 100)
+    command = (f"pyro-seqlatent train vae --guide {guide} --num-flows {max(flows, 1)} "
+               f"--latent-dim {args.latent_dim} --hidden-dims {args.hidden_dims} "
+               f"--max-time-s {args.minutes * 60:.0f} --num-epochs {args.max_epochs} "
+               f"--lr {args.lr} --clip-norm 100 --valid-every {args.valid_every} "
+               f"--run-dir {run_dir} && pyro-seqlatent evaluate {run_dir} --num-samples "
+               f"{args.num_samples} --max-points {args.test_points}")
+    return {
+        "row": name, "guide": guide, "K": flows, "steps": result.step,
+        "epochs": round(result.step / steps_per_epoch, 2), "train_s": round(train_s, 1),
+        "test_elbo": ev["elbo"], "test_elbo_sem": ev["elbo_sem"],
+        "test_nll": -ev["log_marginal"], "test_nll_sem": ev["log_marginal_sem"],
+        "num_samples": args.num_samples, "test_points": ev["num_points"],
+        "run_dir": str(run_dir), "command": command,
+    }
+
+
+def plot_curves(rows, out: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for i, row in enumerate(rows):
+        metrics = read_metrics(row["run_dir"])
+        valid = [(m["time_s"] / 60, m["valid_loss"]) for m in metrics if "valid_loss" in m]
+        if valid:
+            ax.plot(*zip(*valid), "-", color=f"C{i}", label=row["row"])
+    ax.axhline(85.1, ls=":", color="k", lw=0.8, label="planar K=80 anchor (-log p)")
+    ax.set_xlabel("wall time (min)")
+    ax.set_ylabel("validation -ELBO (nats)")
+    ax.set_ylim(80, 130)
+    ax.legend(frameon=False, fontsize=8)
+    fig.tight_layout()
+    path = out / "vae_mnist_curves.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def write_table(rows, args, out: Path, extra: str = "") -> Path:
+    lines = [
+        "# VAE on statically binarized MNIST",
+        "",
+        f"Decoder 40-400-784 (Bernoulli), encoder 784-400; Adam lr {args.lr}, batch 100; "
+        f"{args.minutes} min of training per row on this machine's CPU; test ELBO and "
+        f"-log p(x) (importance sampling, K = {args.num_samples}) on the first "
+        f"{args.test_points} test images; ± one standard error over images.",
+        "",
+        "| guide | K | epochs | train s | test ELBO | test -log p(x) | anchor | gap |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        anchor = ANCHORS.get(r["guide"])
+        gap = f"{r['test_nll'] - anchor[1]:+.2f}" if anchor else "–"
+        lines.append(
+            f"| {r['guide']} | {r['K'] or '–'} | {r['epochs']} | {r['train_s']} | "
+            f"{r['test_elbo']:.2f} ± {r['test_elbo_sem']:.2f} | "
+            f"{r['test_nll']:.2f} ± {r['test_nll_sem']:.2f} | "
+            f"{f'{anchor[1]} ({anchor[0]})' if anchor else '–'} | {gap} |"
+        )
+    lines += ["", "Commands:", ""] + [f"- {r['row']}: `{r['command']}`" for r in rows]
+    lines += ["", "![learning curves](vae_mnist_curves.png)", extra]
+    path = out / "vae_mnist.md"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def nuts_check(rows, args, out: Path) -> str:
+    """NUTS on p(z | x) for a 2-D latent VAE vs the trained guides (same decoder per guide)."""
+    import matplotlib
+    import pyro.distributions as dist
+    from pyro.infer import MCMC, NUTS
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    lines = ["", "## True posterior (NUTS) vs guides, 2-D latent", "",
+             "| guide | mean log p(x) - ELBO | mean energy distance (NUTS vs q) |", "|---|---|---|"]
+    fig, axes = plt.subplots(1, len(args.nuts_guides), figsize=(4 * len(args.nuts_guides), 4))
+    axes = axes if len(args.nuts_guides) > 1 else [axes]
+    for ax, guide in zip(axes, args.nuts_guides):
+        options = {"guide": guide, "num_flows": 8, "latent_dim": 2, "hidden_dims": "400"}
+        run_dir = out / "vae_mnist_runs" / f"nuts-{guide}"
+        _, model, q, data = train_system("vae", options, run_dir, num_epochs=100, batch_size=100,
+                                         lr=1e-3, max_time_s=args.nuts_minutes * 60,
+                                         progress=False, clip_norm=100.0)
+        gaps, dists = [], []
+        for i in range(args.nuts_images):
+            x = data["test"][i][None]
+
+            def posterior(x=x, model=model):
+                z = pyro.sample("z", dist.Normal(torch.zeros(1, 2), 1.0).to_event(1))
+                pyro.sample("x", model.observation(z), obs=x)
+
+            mcmc = MCMC(NUTS(posterior), num_samples=400, warmup_steps=200,
+                        disable_progbar=True)
+            mcmc.run()
+            zp = mcmc.get_samples()["z"].reshape(-1, 2)
+            with torch.no_grad():
+                zq = q.site(q.encoder(x)).sample((400,)).reshape(-1, 2)
+                est = evaluate(model, q, [x[0]], num_samples=2000, batch_size=1)
+            gaps.append(est["log_marginal"] - est["elbo"])
+            dists.append(_energy_distance(zp, zq))
+            if i == 0:
+                ax.scatter(*zp.T, s=3, alpha=0.4, label="NUTS p(z|x)")
+                ax.scatter(*zq.T, s=3, alpha=0.4, label=f"q(z|x) {guide}")
+                ax.set_title(f"{guide}: test image 0")
+                ax.legend(frameon=False, fontsize=7)
+        lines.append(f"| {guide} | {sum(gaps) / len(gaps):.3f} | {sum(dists) / len(dists):.4f} |")
+    fig.tight_layout()
+    fig.savefig(out / "vae_nuts_scatter.png", dpi=110)
+    plt.close(fig)
+    lines += ["", f"Over the first {args.nuts_images} test images; decoders trained "
+              f"{args.nuts_minutes} min each; NUTS 200 warm-up + 400 draws.",
+              "", "![NUTS vs guide](vae_nuts_scatter.png)"]
+    return "\n".join(lines)
+
+
+def _energy_distance(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Szekely's energy distance 2E|A-B| - E|A-A'| - E|B-B'| (0 iff same distribution)."""
+    return float(2 * torch.cdist(a, b).mean() - torch.cdist(a, a).mean()
+                 - torch.cdist(b, b).mean())
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--minutes", type=float, default=60.0, help="training budget per row")
+    parser.add_argument("--max-epochs", type=int, default=1000)
+    parser.add_argument("--num-samples", type=int, default=5000)
+    parser.add_argument("--test-points", type=int, default=1000)
+    parser.add_argument("--latent-dim", type=int, default=40)
+    parser.add_argument("--hidden-dims", default="400")
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--valid-every", type=int, default=500)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--rows", nargs="*", default=None,
+                        help="subset of rows, e.g. meanfield planar-K10")
+    parser.add_argument("--nuts", action="store_true", help="add the NUTS posterior check")
+    parser.add_argument("--nuts-guides", nargs="*", default=["meanfield", "iaf"])
+    parser.add_argument("--nuts-minutes", type=float, default=3.0)
+    parser.add_argument("--nuts-images", type=int, default=3)
+    parser.add_argument("--out", default="benchmarks/results")
+    parser.add_argument("--quiet", action="store_true")
+    args = parser.parse_args(argv)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for guide, flows in ROWS:
+        name = guide + (f"-K{flows}" if flows else "")
+        if args.rows and name not in args.rows:
+            continue
+        rows.append(run_row(guide, flows, args, out))
+        (out / "vae_mnist.json").write_text(json.dumps(rows, indent=2))
+        plot_curves(rows, out)
+        write_table(rows, args, out)
+        print(json.dumps(rows[-1]), flush=True)
+    extra = nuts_check(rows, args, out) if args.nuts else ""
+    print(write_table(rows, args, out, extra).read_text())
+
+
+if __name__ == "__main__":
+    main()
