@@ -164,21 +164,79 @@ class GaussianMixture:
         return total
 
     def sufficient_statistics(self, X_chunk: torch.Tensor) -> GMMStatistics:
-        """E-step on one chunk (N, D) under the current parameters: see the module docstring."""
+        """E-step on one chunk (N, D) under the current parameters: see the module docstring.
+
+        The centred data :math:`\tilde x` and its products (:math:`\tilde x^2`, or the upper
+        triangle of :math:`\tilde x\tilde x^\top` for full covariances) are formed once and
+        serve both the log-densities and the second moments, each as one matrix product over
+        all components (no Python loop over K).
+        """
         self._check_features(X_chunk)
-        log_prob = self._weighted_log_prob(X_chunk)
-        log_norm = torch.logsumexp(log_prob, dim=1)
-        resp = torch.exp(log_prob - log_norm[:, None])
         Xc = X_chunk - self.shift_
-        first = resp.T @ Xc
         if self.covariance_type == "full":
-            second = torch.matmul((resp.T[:, :, None] * Xc).transpose(1, 2), Xc)
+            products = self._outer_products(Xc)
         elif self.covariance_type == "diag":
-            second = resp.T @ (Xc * Xc)
+            products = Xc * Xc
         else:
-            second = resp.T @ (Xc * Xc).sum(1)
+            products = (Xc * Xc).sum(1, keepdim=True)
+        log_prob = self._centered_log_prob(Xc, products)  # (K, N): faster GEMM layout
+        log_norm = torch.logsumexp(log_prob, dim=0)
+        resp = torch.exp(log_prob - log_norm)
+        second = resp @ products
+        if self.covariance_type == "full":
+            second = self._from_triangle(second)
+        elif self.covariance_type == "spherical":
+            second = second.squeeze(1)
         count = torch.tensor(float(X_chunk.shape[0]), dtype=X_chunk.dtype, device=X_chunk.device)
-        return GMMStatistics(resp.sum(0), first, second, log_norm.sum(), count)
+        return GMMStatistics(resp.sum(1), resp @ Xc, second, log_norm.sum(), count)
+
+    def _triangle(self, D: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+        key = (D, str(device))
+        if getattr(self, "_tri_key", None) != key:
+            self._tri = torch.triu_indices(D, D, device=device)
+            self._tri_key = key
+        return self._tri[0], self._tri[1]
+
+    def _outer_products(self, Xc: torch.Tensor) -> torch.Tensor:
+        """Upper triangle of every :math:`\tilde x_n\tilde x_n^\top`, shape (N, D(D+1)/2)."""
+        i, j = self._triangle(Xc.shape[1], Xc.device)
+        return Xc[:, i] * Xc[:, j]
+
+    def _from_triangle(self, tri: torch.Tensor) -> torch.Tensor:
+        """(K, D(D+1)/2) upper triangles -> (K, D, D) symmetric matrices."""
+        D = self.means_.shape[1]
+        i, j = self._triangle(D, tri.device)
+        full = tri.new_zeros(tri.shape[0], D, D)
+        full[:, i, j] = tri
+        full[:, j, i] = tri
+        return full
+
+    def _centered_log_prob(self, Xc: torch.Tensor, products: torch.Tensor) -> torch.Tensor:
+        r""":math:`\log\pi_k + \log\mathcal N`, shape (K, N), from centred data, with the
+        quadratic form expanded, :math:`(\tilde x - m)^\top\Lambda(\tilde x - m) = \langle \tilde x
+        \tilde x^\top, \Lambda\rangle - 2\tilde x^\top\Lambda m + m^\top\Lambda m`,
+        :math:`m = \mu - c`, so that it is one matrix product for all components."""
+        D = Xc.shape[1]
+        P = self.precisions_cholesky_
+        m = self.means_ - self.shift_
+        if self.covariance_type == "full":
+            prec = self.precisions_
+            i, j = self._triangle(D, Xc.device)
+            weights = prec[:, i, j] * torch.where(i == j, 1.0, 2.0).to(prec.dtype)
+            lm = (prec @ m.unsqueeze(-1)).squeeze(-1)  # (K, D)
+            maha = weights @ products.T - 2.0 * lm @ Xc.T + (m * lm).sum(1)[:, None]
+            log_det = torch.diagonal(P, dim1=1, dim2=2).log().sum(1)
+        elif self.covariance_type == "diag":
+            prec = P * P
+            maha = prec @ products.T - 2.0 * (m * prec) @ Xc.T + (m * m * prec).sum(1)[:, None]
+            log_det = P.log().sum(1)
+        else:
+            prec = P * P
+            maha = (products.T - 2.0 * m @ Xc.T + (m * m).sum(1)[:, None]) * prec[:, None]
+            log_det = D * P.log()
+        maha = maha.clamp_min(0.0)
+        offset = log_det + self.weights_.log()
+        return -0.5 * (D * math.log(2 * math.pi) + maha) + offset[:, None]
 
     def m_step(self, stats: GMMStatistics) -> None:
         """Closed-form M-step from summed statistics (see the module docstring)."""
@@ -270,9 +328,10 @@ class GaussianMixture:
     def _chunk_rows(self, source: ChunkSource) -> int:
         if self.chunk_size is not None:
             return self.chunk_size
-        K, D = self.n_components, source.n_features if not source.streamed else 1
-        width = K * D if self.covariance_type == "full" else K + D
-        return max(1024, (8 * 2**20) // max(width, 1))
+        D = source.n_features if not source.streamed else 1
+        width = D * (D + 1) // 2 if self.covariance_type == "full" else D
+        # ~2^21 elements (16 MiB in float64) of data products per chunk: cache friendly on CPUs
+        return max(1024, 2**21 // max(width, 1))
 
     def _check_fitted(self) -> None:
         if not hasattr(self, "means_"):
@@ -317,7 +376,7 @@ class GaussianMixture:
         resp = torch.nn.functional.one_hot(labels, K).to(dt)
         Xc = head - self.shift_
         if self.covariance_type == "full":
-            second = torch.matmul((resp.T[:, :, None] * Xc).transpose(1, 2), Xc)
+            second = self._from_triangle(resp.T @ self._outer_products(Xc))
         elif self.covariance_type == "diag":
             second = resp.T @ (Xc * Xc)
         else:
