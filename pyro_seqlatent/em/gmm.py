@@ -27,6 +27,7 @@ with :math:`\lambda` = ``reg_covar`` (diagonal: the diagonal of that; spherical:
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass, fields
 from typing import Any
 
@@ -126,11 +127,14 @@ class GaussianMixture:
 
         Records ``log_likelihood_history_`` (mean log-likelihood per sample of the parameters
         *entering* each iteration; non-decreasing when ``reg_covar == 0``), ``n_iter_``,
-        ``converged_`` and ``lower_bound_`` (the last recorded value).
+        ``converged_``, ``lower_bound_`` (the last recorded value) and ``fit_times_`` (seconds
+        since the start of ``fit`` at which each recorded value was known).
         """
         source = self._source(X)
         self._initialize(source)
         history: list[float] = []
+        times: list[float] = []
+        start = time.perf_counter()
         self.converged_ = False
         iterator = range(1, self.max_iter + 1)
         if self.progress:
@@ -140,12 +144,14 @@ class GaussianMixture:
         for it in iterator:
             stats = self.accumulate_statistics(source)
             history.append(float(stats.log_likelihood / stats.count))
+            times.append(time.perf_counter() - start)
             self.m_step(stats)
             self.n_iter_ = it
             if len(history) > 1 and abs(history[-1] - history[-2]) < self.tol:
                 self.converged_ = True
                 break
         self.log_likelihood_history_ = history
+        self.fit_times_ = times
         self.lower_bound_ = history[-1]
         return self
 

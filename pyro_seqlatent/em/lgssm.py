@@ -30,6 +30,7 @@ update, which makes the likelihood that of the observed frames only.
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass, fields
 from typing import Any
 
@@ -120,6 +121,8 @@ class LinearGaussianSSM:
         if not self._has_params():
             self._initialize(y, mask)
         history: list[float] = []
+        times: list[float] = []
+        start = time.perf_counter()
         self.converged_ = False
         iterator = range(1, self.max_iter + 1)
         if self.progress:
@@ -129,12 +132,14 @@ class LinearGaussianSSM:
         for it in iterator:
             stats = self.sufficient_statistics(y, mask)
             history.append(float(stats.log_likelihood / stats.n_seq))
+            times.append(time.perf_counter() - start)
             self.m_step(stats)
             self.n_iter_ = it
             if len(history) > 1 and abs(history[-1] - history[-2]) < self.tol:
                 self.converged_ = True
                 break
         self.log_likelihood_history_ = history
+        self.fit_times_ = times
         return self
 
     def set_params(self, **params: Any) -> LinearGaussianSSM:

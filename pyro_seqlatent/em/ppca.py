@@ -28,6 +28,7 @@ smallest eigenvalues of the (ddof = 0) sample covariance.
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass, fields
 from typing import Any
 
@@ -91,6 +92,8 @@ class PPCA:
         source = self._source(X)
         self._initialize(source)
         history: list[float] = []
+        times: list[float] = []
+        start = time.perf_counter()
         self.converged_ = False
         iterator = range(1, self.max_iter + 1)
         if self.progress:
@@ -103,12 +106,14 @@ class PPCA:
                 s = self.sufficient_statistics(chunk)
                 stats = s if stats is None else stats + s
             history.append(float(stats.log_likelihood / stats.rows))
+            times.append(time.perf_counter() - start)
             self.m_step(stats)
             self.n_iter_ = it
             if len(history) > 1 and abs(history[-1] - history[-2]) < self.tol:
                 self.converged_ = True
                 break
         self.log_likelihood_history_ = history
+        self.fit_times_ = times
         return self
 
     def fit_closed_form(self, X: Any) -> PPCA:
