@@ -162,3 +162,19 @@ def test_physionet_real_data():
         steps = t * 48 / 0.1
         assert torch.allclose(steps, steps.round(), atol=1e-3)
     assert math.isclose(float(train_vals.max()), 1.0, abs_tol=1e-6)
+
+
+def test_compact_observed_keeps_each_sequences_observations():
+    from pyro_seqlatent.data.irregular import compact_observed
+
+    items = [_item([0.0, 0.3, 1.0], seed=1), _item([0.1, 0.3, 2.0, 2.5], seed=2)]
+    items[1]["mask"][2] = 0  # a row with nothing observed is dropped
+    batch = union_grid_collate(items)
+    t, v, m = compact_observed(batch["times"], batch["values"], batch["mask"])
+    for b, it in enumerate(items):
+        rows = it["mask"].sum(-1) > 0
+        k = int(rows.sum())
+        torch.testing.assert_close(t[b, :k], it["times"][rows])
+        torch.testing.assert_close(v[b, :k], it["values"][rows])
+        torch.testing.assert_close(m[b, :k], it["mask"][rows])
+        assert (m[b, k:] == 0).all() and (t[b, k:] == it["times"][rows][-1]).all()

@@ -203,3 +203,13 @@ def test_baselines_predict_before_reading(cls):
     n = batch["mask"].sum()
     expected = sse / (2 * 0.01 ** 2) + n * (math.log(0.01) + 0.5 * math.log(2 * math.pi))
     torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-2)
+
+
+def test_encoder_same_on_union_grid_and_per_sequence_batches():
+    torch.manual_seed(0)
+    items = apply_task(make_periodic(3, 10, seed=1), "interp", fraction=0.5)
+    guide = LatentODEGuide(1, 4, hidden_dim=8)
+    q_u = guide.posterior(**union_grid_collate(items))
+    q_p = guide.posterior(**padded_collate(items))
+    torch.testing.assert_close(q_u.mean, q_p.mean, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(q_u.stddev, q_p.stddev, atol=1e-5, rtol=1e-5)

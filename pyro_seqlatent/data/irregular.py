@@ -136,6 +136,29 @@ def padded_collate(items: Sequence[dict]) -> dict:
     return batch
 
 
+def compact_observed(times, values, mask):
+    """Drop the time points where a sequence has no observation, per sequence, vectorized.
+
+    ``times`` ``(N,)`` or ``(B, N)``, ``values``/``mask`` ``(B, N, D)`` → per-sequence
+    ``times`` ``(B, K)`` (``K`` = most observed points of any sequence; rows padded by repeating
+    their last observed time), ``values``, ``mask`` ``(B, K, D)`` (mask 0 in the padding). On a
+    union grid this turns a loop over ``U`` grid points into one over ``K`` observations.
+    """
+    b, n, d = values.shape
+    seen = mask.sum(-1) > 0
+    count = seen.sum(-1)
+    k = max(int(count.max()), 1)
+    order = torch.argsort((~seen).to(torch.int8), dim=-1, stable=True)[:, :k]
+    full = times.expand(b, n) if times.dim() == 1 else times
+    t = full.gather(1, order)
+    valid = torch.arange(k, device=t.device) < count.unsqueeze(-1)
+    last = t.gather(1, (count - 1).clamp_min(0).unsqueeze(-1))
+    t = torch.where(valid, t, last)
+    index = order.unsqueeze(-1).expand(b, k, d)
+    keep = valid.unsqueeze(-1).to(mask.dtype)
+    return t, values.gather(1, index) * keep, mask.gather(1, index) * keep
+
+
 class IrregularDataset(Dataset):
     """A list of items (see the module docstring), validated once."""
 

@@ -109,3 +109,33 @@ class EmptyGuide(nn.Module):
 
     def forward(self, *args, **kwargs):
         return None
+
+
+def _register():
+    from pyro_seqlatent.data.irregular import union_grid_collate
+    from pyro_seqlatent.models.latent_ode import DATA_DEFAULTS, data_dim, system_datasets
+    from pyro_seqlatent.registry import ModelSpec, register_model
+
+    def build_ode_rnn(options):
+        hidden = (options["ode_units"],) * options["ode_layers"]
+        return (ODERNN(data_dim(options), options["hidden_dim"], hidden,
+                       obs_std=options["obs_std"]), EmptyGuide())
+
+    def build_rnn_dt(options):
+        return RNNDeltaT(data_dim(options), options["hidden_dim"], obs_std=options["obs_std"]), \
+            EmptyGuide()
+
+    common = {**DATA_DEFAULTS, "hidden_dim": 50, "obs_std": 0.01}
+    train_defaults = {"batch_size": 50, "lr": 1e-2, "clip_norm": 1e4, "valid_every": 100}
+    register_model(ModelSpec(
+        name="ode_rnn", build=build_ode_rnn, datasets=system_datasets,
+        defaults={**common, "ode_units": 50, "ode_layers": 1}, collate_fn=union_grid_collate,
+        train_defaults=train_defaults,
+        description="ODE-RNN baseline (Rubanova et al. 2019, Algorithm 1), deterministic"))
+    register_model(ModelSpec(
+        name="rnn_dt", build=build_rnn_dt, datasets=system_datasets, defaults=common,
+        collate_fn=union_grid_collate, train_defaults=train_defaults,
+        description="GRU with the elapsed time Δt as input (RNN-Δt baseline), deterministic"))
+
+
+_register()
