@@ -229,3 +229,16 @@ def test_tuple_and_dict_batches_and_bad_options():
         train(NormalNormal(), AffineNormalGuide(), TensorDataset(x))
     with pytest.raises(TypeError, match="nn.Module"):
         train(lambda x: None, AffineNormalGuide(), TensorDataset(x), num_steps=1)
+
+
+@pytest.mark.filterwarnings("ignore")
+def test_jit_elbo_trains_module_parameters_and_refuses_annealing():
+    x = conjugate_data(n=64)
+    guide = AffineNormalGuide()
+    train(NormalNormal(), guide, TensorData(x), elbo="JitTrace_ELBO", num_steps=60,
+          batch_size=64, lr=0.05, progress=False)
+    assert guide.a.item() > 0.4  # moved from 0 towards the exact 0.8: gradients reached it
+    assert not [k for k in pyro.get_param_store().keys() if k.startswith("_seqlatent")]
+    with pytest.raises(ValueError, match="kl_anneal_steps"):
+        train(NormalNormal(), AffineNormalGuide(), TensorData(x), elbo="JitTrace_ELBO",
+              num_steps=2, kl_anneal_steps=5, progress=False)

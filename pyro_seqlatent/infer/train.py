@@ -25,6 +25,7 @@ The data order comes from a :class:`~torch.utils.data.DistributedSampler` seeded
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import os
@@ -272,23 +273,24 @@ def elbo_loss(elbo, model, guide, batch, *, differentiable: bool) -> torch.Tenso
     args, kwargs = batch_args(batch)
     if differentiable:
         return elbo.differentiable_loss(model, guide, *args, **kwargs)
-    return torch.as_tensor(elbo.loss_and_grads(model, _with_param_site(guide), *args, **kwargs))
+    return torch.as_tensor(elbo.loss_and_grads(model, guide, *args, **kwargs))
 
 
-_GRAD_FLAG = "_pyro_seqlatent_has_params"
+_REGISTRATIONS = itertools.count()
 
 
-def _with_param_site(guide: Callable) -> Callable:
-    """``guide`` plus one (unused) ``pyro.param`` site.
+def needs_param_sites(elbo) -> bool:
+    """JIT ELBOs pass only ``param`` sites into the compiled function, and ``RenyiELBO``
+    back-propagates only when a trace has one: the modules' parameters must appear as sites."""
+    return type(elbo).__name__.startswith("Jit") or not has_differentiable_loss(elbo)
 
-    ``RenyiELBO.loss_and_grads`` only back-propagates when its traces contain a ``param`` site;
-    parameters of ``nn.Module``s that are not registered with ``pyro.module`` create none, and
-    their gradients would silently stay zero. The flag site restores the backward pass.
-    """
+
+def registering(fn: nn.Module, name: str) -> Callable:
+    """``fn`` preceded by ``pyro.module(name, fn)`` so its parameters are ``param`` sites."""
 
     def wrapped(*args, **kwargs):
-        pyro.param(_GRAD_FLAG, lambda: torch.zeros(()))
-        return guide(*args, **kwargs)
+        pyro.module(name, fn)
+        return fn(*args, **kwargs)
 
     return wrapped
 
@@ -398,6 +400,12 @@ def train(
     pyro.set_rng_seed(cfg.seed)
     elbo = make_elbo(cfg.elbo, **cfg.elbo_kwargs)
     differentiable = has_differentiable_loss(elbo)
+    if cfg.kl_anneal_steps > 0 and type(elbo).__name__.startswith("Jit"):
+        raise ValueError(
+            f"kl_anneal_steps={cfg.kl_anneal_steps} cannot be used with {type(elbo).__name__}: "
+            "a JIT ELBO compiles the model once and would freeze the annealing factor; use the "
+            "non-JIT ELBO or kl_anneal_steps=0"
+        )
 
     sampler = ResumableSampler(train_data, cfg.shuffle, cfg.seed, cfg.drop_last)
     loader = DataLoader(
@@ -485,6 +493,13 @@ def train(
             path,
         )
 
+    model_fn: Callable = model
+    guide_fn: Callable = guide
+    prefix = None
+    if needs_param_sites(elbo):
+        prefix = f"_seqlatent_train{next(_REGISTRATIONS)}"
+        model_fn = registering(model, f"{prefix}_model")
+        guide_fn = registering(guide, f"{prefix}_guide")
     stopped = "completed"
     start_time = time.perf_counter() - state["elapsed"]
     bar = None
@@ -507,7 +522,7 @@ def train(
                 optimizer.zero_grad(set_to_none=True)
                 try:
                     loss = elbo_loss(
-                        elbo, _annealed(model, beta), _annealed(guide, beta), batch,
+                        elbo, _annealed(model_fn, beta), _annealed(guide_fn, beta), batch,
                         differentiable=differentiable,
                     )
                 except ValueError as err:
@@ -585,6 +600,10 @@ def train(
                 if is_last:
                     break
     finally:
+        if prefix is not None:  # the registrations were only for this run's ELBO
+            store = pyro.get_param_store()
+            for name in [n for n in store.keys() if n.startswith(prefix)]:
+                del store[name]
         if bar is not None:
             bar.close()
         if metrics_file is not None:
