@@ -1,0 +1,481 @@
+r"""The variational recurrent neural network (VRNN, Chung et al. 2015) as a Pyro model/guide pair.
+
+For a sequence :math:`x_{1:T}` with latents :math:`z_{1:T}` and deterministic RNN states
+:math:`h_t` (:math:`h_0 = 0`):
+
+.. math::
+    p(z_t \mid h_{t-1}) &= \mathcal N(\mu_{0,t}, \operatorname{diag}\sigma_{0,t}^2),
+        \quad [\mu_{0,t}, \sigma_{0,t}] = \varphi^{\rm prior}(h_{t-1})
+        \quad(\text{VRNN-I: } \mathcal N(0, I)) \\
+    p(x_t \mid z_t, h_{t-1}) &= \text{emission}\bigl(\varphi^{\rm dec}
+        ([\varphi^{z}(z_t), h_{t-1}])\bigr) \quad(\text{Bernoulli, Gaussian or K-GMM}) \\
+    h_t &= f\bigl([\varphi^{x}(x_t), \varphi^{z}(z_t)], h_{t-1}\bigr)
+        \quad(f = \text{GRU or LSTM cell}) \\
+    q(z_t \mid x_{\le t}, z_{<t}) &= q\bigl(z_t \mid [\varphi^{x}(x_t), h_{t-1}]\bigr)
+        \quad(\text{diagonal Gaussian, or any } \texttt{SiteGuide}\text{, e.g. with IAFs})
+
+and the ELBO :math:`\sum_t m_t\,\mathbb E_q[\log p(x_t\mid z_t,h_{t-1})
+- \mathrm{KL}(q(z_t\mid\cdot)\,\|\,p(z_t\mid h_{t-1}))]`, where the mask :math:`m_t` removes padded
+steps from both the reconstruction and the KL.
+
+Pyro structure: both :class:`VRNNModel` and :class:`VRNNGuide` sample ``z_t`` as site
+``"z_{t}"`` in ``for t in pyro.markov(range(T))`` inside the batch plate ``"data"`` (dim -1).
+The observed frames are one site ``"x"`` (batch ``(B,)``, the time axis folded into the event
+with its mask), scored after the loop in one batched call: given :math:`z_{1:T}` and
+:math:`h_{0:T-1}` the :math:`x_t` are independent.
+
+**No double recurrence.** :math:`h_{t-1}` depends on :math:`z_{<t}`, so a naive model re-runs the
+RNN that the guide already ran. Here the guide leaves its states in a cache on the shared
+:class:`VRNNCore`; the model, at step ``t``, checks that the ``z_t`` it received *is* the guide's
+tensor (``poutine.replay`` passes the same object) and if so reuses the guide's
+:math:`h_{t-1}`, :math:`\varphi^z(z_t)`; the prior network and the decoder then run once on all
+steps. When a ``z_t`` is not the guide's (the model runs alone, or a site was conditioned) the
+model recomputes the recurrence from that step on, so it still generates from the prior alone.
+
+Particles: every tensor broadcasts over extra leftmost dims (``vectorize_particles=True``,
+:func:`pyro_seqlatent.infer.log_marginal`); hidden states are never sized by ``x.shape[0]``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import pyro
+import pyro.distributions as dist
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from pyro_seqlatent.data.sequences import check_padded_batch
+from pyro_seqlatent.guides.site import MeanFieldGuide, SiteGuide
+from pyro_seqlatent.nn import MLP
+
+EMISSIONS = ("bernoulli", "gaussian", "gmm")
+
+
+# ----------------------------------------------------------------------------------------------
+# Emission heads: features -> p(x_t | .) with event_dim 1 over the D features
+# ----------------------------------------------------------------------------------------------
+class BernoulliEmission(nn.Module):
+    r""":math:`p(x \mid u) = \prod_d \mathrm{Bernoulli}(x_d; \sigma(\ell_d(u)))` (piano rolls)."""
+
+    def __init__(self, input_dim: int, x_dim: int, hidden_dims: Sequence[int] = ()):
+        super().__init__()
+        self.net = MLP(input_dim, hidden_dims, x_dim)
+
+    def forward(self, u: torch.Tensor) -> dist.Distribution:
+        return dist.Bernoulli(logits=self.net(u)).to_event(1)
+
+
+class GaussianEmission(nn.Module):
+    r""":math:`p(x \mid u) = \mathcal N(x; \mu(u), \operatorname{diag}\sigma(u)^2)`,
+    :math:`\sigma = \operatorname{softplus}(\cdot) + \sigma_{\min}`."""
+
+    def __init__(self, input_dim: int, x_dim: int, hidden_dims: Sequence[int] = (),
+                 min_scale: float = 1e-3):
+        super().__init__()
+        self.net = MLP(input_dim, hidden_dims, 2 * x_dim)
+        self.min_scale = float(min_scale)
+
+    def forward(self, u: torch.Tensor) -> dist.Distribution:
+        loc, raw = self.net(u).chunk(2, dim=-1)
+        return dist.Normal(loc, F.softplus(raw) + self.min_scale).to_event(1)
+
+
+class GMMEmission(nn.Module):
+    r"""K-component diagonal Gaussian mixture,
+
+    .. math:: \log p(x\mid u) = \operatorname{logsumexp}_k\Bigl[\log\pi_k(u)
+              + \sum_d \log\mathcal N(x_d; \mu_{kd}(u), \sigma_{kd}(u)^2)\Bigr],
+
+    :math:`\sigma = \operatorname{softplus}(\cdot) + \sigma_{\min}` (the variance floor); never
+    :math:`\sum_k \pi_k \log\mathcal N`. Implemented with ``MixtureSameFamily`` (logsumexp).
+    """
+
+    def __init__(self, input_dim: int, x_dim: int, hidden_dims: Sequence[int] = (),
+                 num_components: int = 20, min_scale: float = 1e-3):
+        super().__init__()
+        if num_components < 1:
+            raise ValueError(f"num_components must be >= 1, got {num_components}")
+        self.k, self.d = int(num_components), int(x_dim)
+        self.net = MLP(input_dim, hidden_dims, self.k * (1 + 2 * self.d))
+        self.min_scale = float(min_scale)
+
+    def forward(self, u: torch.Tensor) -> dist.Distribution:
+        out = self.net(u)
+        logits = out[..., : self.k]
+        loc, raw = out[..., self.k :].unflatten(-1, (self.k, 2 * self.d)).chunk(2, dim=-1)
+        comps = dist.Normal(loc, F.softplus(raw) + self.min_scale).to_event(1)
+        return dist.MixtureSameFamily(dist.Categorical(logits=logits), comps)
+
+
+def make_emission(kind: str, input_dim: int, x_dim: int, hidden_dims: Sequence[int] = (),
+                  num_components: int = 20, min_scale: float = 1e-3) -> nn.Module:
+    """An emission head by name: ``"bernoulli"``, ``"gaussian"`` or ``"gmm"``."""
+    if kind == "bernoulli":
+        return BernoulliEmission(input_dim, x_dim, hidden_dims)
+    if kind == "gaussian":
+        return GaussianEmission(input_dim, x_dim, hidden_dims, min_scale)
+    if kind == "gmm":
+        return GMMEmission(input_dim, x_dim, hidden_dims, num_components, min_scale)
+    raise ValueError(f"emission must be one of {EMISSIONS}, got {kind!r}")
+
+
+# ----------------------------------------------------------------------------------------------
+# Small helpers: broadcasting concatenation and RNN cells on any leading shape
+# ----------------------------------------------------------------------------------------------
+def cat_broadcast(*tensors: torch.Tensor) -> torch.Tensor:
+    """Concatenate on the last dim after broadcasting all leading dims."""
+    lead = tensors[0].shape[:-1]
+    if all(t.shape[:-1] == lead for t in tensors):
+        return torch.cat(tensors, dim=-1)
+    shape = torch.broadcast_shapes(*(t.shape[:-1] for t in tensors))
+    return torch.cat([t.expand(shape + t.shape[-1:]) for t in tensors], dim=-1)
+
+
+class RecurrentCell(nn.Module):
+    """``state_t = cell(input_t, state_{t-1})`` for GRU (state ``h``) or LSTM (state ``(h, c)``),
+    on inputs with any leading shape (flattened for ``nn.GRUCell`` / ``nn.LSTMCell``)."""
+
+    def __init__(self, kind: str, input_dim: int, hidden_dim: int):
+        super().__init__()
+        if kind not in ("gru", "lstm"):
+            raise ValueError(f"rnn must be 'gru' or 'lstm', got {kind!r}")
+        self.kind = kind
+        self.hidden_dim = int(hidden_dim)
+        cls = nn.GRUCell if kind == "gru" else nn.LSTMCell
+        self.cell = cls(input_dim, hidden_dim)
+
+    def initial_state(self, leading: torch.Size, ref: torch.Tensor):
+        h = ref.new_zeros(tuple(leading) + (self.hidden_dim,))
+        return h if self.kind == "gru" else (h, h)
+
+    @staticmethod
+    def hidden(state) -> torch.Tensor:
+        return state if torch.is_tensor(state) else state[0]
+
+    def forward(self, inp: torch.Tensor, state):
+        parts = (state,) if self.kind == "gru" else state
+        if inp.dim() == 2 and all(p.shape[:-1] == inp.shape[:-1] for p in parts):
+            return self.cell(inp, state)  # the common case: no particle dims
+        shape = torch.broadcast_shapes(inp.shape[:-1], *(p.shape[:-1] for p in parts))
+        flat_in = inp.expand(shape + inp.shape[-1:]).reshape(-1, inp.shape[-1])
+        flat = [p.expand(shape + p.shape[-1:]).reshape(-1, self.hidden_dim) for p in parts]
+        if self.kind == "gru":
+            return self.cell(flat_in, flat[0]).reshape(shape + (self.hidden_dim,))
+        h, c = self.cell(flat_in, tuple(flat))
+        return h.reshape(shape + (self.hidden_dim,)), c.reshape(shape + (self.hidden_dim,))
+
+
+def feature_net(input_dim: int, hidden_dims: Sequence[int], output_dim: int) -> nn.Module:
+    """φ feature extractor: an MLP followed by a ReLU (as the VRNN paper's φ_x, φ_z)."""
+    return nn.Sequential(MLP(input_dim, hidden_dims, output_dim), nn.ReLU())
+
+
+# ----------------------------------------------------------------------------------------------
+# The VRNN
+# ----------------------------------------------------------------------------------------------
+@dataclass
+class _GuideStates:
+    """What the guide leaves for the model: its inputs (by identity) and its recurrence."""
+
+    x: torch.Tensor
+    z: list  # z_t tensors sampled by the guide
+    states: list  # RNN state before step t (t = 0..T-1)
+    final_state: object  # RNN state after the last step
+    h_prev: torch.Tensor  # (..., B, T, H): h_{t-1}
+    phi_z: torch.Tensor  # (..., B, T, F): φ_z(z_t)
+
+
+class VRNNCore(nn.Module):
+    r"""The networks shared by model and guide: :math:`\varphi^x, \varphi^z`, the prior, the
+    decoder/emission and the recurrence :math:`f`.
+
+    :param int x_dim: features per step :math:`D`.
+    :param int z_dim: latent size per step.
+    :param int h_dim: RNN state size.
+    :param int feature_dim: output size of :math:`\varphi^x` and :math:`\varphi^z`.
+    :param int hidden_dim: width of the hidden layers of every MLP.
+    :param int num_layers: hidden layers per MLP.
+    :param str rnn: ``"gru"`` or ``"lstm"``.
+    :param str emission: ``"bernoulli"``, ``"gaussian"`` or ``"gmm"``.
+    :param int num_components: mixture components (``"gmm"``).
+    :param str prior: ``"learned"`` (VRNN) or ``"standard"`` (VRNN-I, :math:`\mathcal N(0,I)`).
+    :param float min_scale: floor added to every standard deviation.
+    """
+
+    def __init__(self, x_dim: int, z_dim: int = 16, h_dim: int = 64, feature_dim: int = 64,
+                 hidden_dim: int = 64, num_layers: int = 1, rnn: str = "gru",
+                 emission: str = "bernoulli", num_components: int = 20,
+                 prior: str = "learned", min_scale: float = 1e-3):
+        super().__init__()
+        for name, value in (("x_dim", x_dim), ("z_dim", z_dim), ("h_dim", h_dim),
+                            ("feature_dim", feature_dim), ("hidden_dim", hidden_dim)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        if prior not in ("learned", "standard"):
+            raise ValueError(f"prior must be 'learned' (VRNN) or 'standard' (VRNN-I), got {prior!r}")
+        self.x_dim, self.z_dim, self.h_dim, self.feature_dim = x_dim, z_dim, h_dim, feature_dim
+        self.emission_kind, self.prior_kind = emission, prior
+        self.min_scale = float(min_scale)
+        hidden = (hidden_dim,) * num_layers
+        self.phi_x = feature_net(x_dim, hidden, feature_dim)
+        self.phi_z = feature_net(z_dim, hidden, feature_dim)
+        self.prior_net = MLP(h_dim, hidden, 2 * z_dim) if prior == "learned" else None
+        self.emission = make_emission(emission, feature_dim + h_dim, x_dim, hidden,
+                                      num_components, min_scale)
+        self.rnn = RecurrentCell(rnn, 2 * feature_dim, h_dim)
+        self._guide_states: _GuideStates | None = None
+        #: reuse the guide's recurrence in the model (False: the naive VRNN that runs it twice)
+        self.reuse_guide_states = True
+
+    def prior_params(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """:math:`(\\mu_0, \\sigma_0)` of :math:`p(z_t\\mid h_{t-1})` for ``h`` of shape
+        ``(..., H)``."""
+        if self.prior_net is None:
+            zeros = h.new_zeros(h.shape[:-1] + (self.z_dim,))
+            return zeros, zeros + 1.0
+        loc, raw = self.prior_net(h).chunk(2, dim=-1)
+        return loc, F.softplus(raw) + self.min_scale
+
+    def emission_dist(self, phi_z: torch.Tensor, h_prev: torch.Tensor) -> dist.Distribution:
+        """:math:`p(x_t \\mid z_t, h_{t-1})` from :math:`[\\varphi^z(z_t), h_{t-1}]`."""
+        return self.emission(cat_broadcast(phi_z, h_prev))
+
+    def step(self, phi_x_t: torch.Tensor, phi_z_t: torch.Tensor, state):
+        """:math:`h_t = f([\\varphi^x(x_t), \\varphi^z(z_t)], h_{t-1})`."""
+        return self.rnn(cat_broadcast(phi_x_t, phi_z_t), state)
+
+    def stash(self, states: _GuideStates) -> None:
+        self._guide_states = states
+
+    def take_guide_states(self, x: torch.Tensor) -> _GuideStates | None:
+        """The guide's states if they were computed for this very ``x`` (then forgotten)."""
+        states, self._guide_states = self._guide_states, None
+        if states is None or states.x is not x or not self.reuse_guide_states:
+            return None
+        return states
+
+
+def _stack(tensors: list, dim: int = -2) -> torch.Tensor:
+    shape = torch.broadcast_shapes(*(t.shape for t in tensors))
+    return torch.stack([t.expand(shape) for t in tensors], dim=dim)
+
+
+def _step_masks(mask: torch.Tensor) -> list:
+    """Per-step masks ``mask[:, t]``, or None where every sequence is observed at step t."""
+    full = mask.all(0).tolist()
+    return [None if f else m for f, m in zip(full, mask.unbind(-1))]
+
+
+def _masked(d: dist.Distribution, m: torch.Tensor | None) -> dist.Distribution:
+    return d if m is None else d.mask(m)
+
+
+def _clean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """``x`` with padded entries set to 0, so padded values cannot reach any term."""
+    return x.masked_fill(~mask.unsqueeze(-1), 0.0)
+
+
+class VRNNModel(nn.Module):
+    r"""The generative model :math:`p(x_{1:T}, z_{1:T})` (see the module docstring).
+
+    ``model(x, mask)`` scores a padded batch ``x`` of shape ``(B, T, D)`` with bool ``mask``
+    ``(B, T)``; ``model(x, mask, horizon=H)`` then continues every sequence for ``H`` steps
+    (sites ``"z_{t}"``, ``"x_{t}"``); ``model(length=T, num_sequences=N)`` generates from the
+    prior alone. Returns the full ``(..., B, T + H, D)`` sequence.
+
+    :param register_params: call ``pyro.module`` in ``forward`` (needed only for
+        ``pyro.infer.SVI``; :func:`pyro_seqlatent.infer.train` reads ``.parameters()``).
+    """
+
+    def __init__(self, core: VRNNCore, register_params: bool = False):
+        super().__init__()
+        self.core = core
+        self.register_params = register_params
+
+    def forward(self, x: torch.Tensor | None = None, mask: torch.Tensor | None = None, *,
+                horizon: int = 0, length: int | None = None,
+                num_sequences: int | None = None) -> torch.Tensor:
+        core = self.core
+        if self.register_params:
+            pyro.module("vrnn", core)
+        if x is None:
+            if length is None or num_sequences is None:
+                raise ValueError("without x, give length=T and num_sequences=N to generate")
+            ref = next(core.parameters())
+            with pyro.plate("data", int(num_sequences), dim=-1):
+                state = core.rnn.initial_state((int(num_sequences),), ref)
+                return self._generate(state, 0, int(length), [])
+        mask = check_padded_batch(x, mask, core.x_dim, "VRNNModel")
+        if horizon < 0:
+            raise ValueError(f"horizon must be >= 0, got {horizon}")
+        with pyro.plate("data", x.shape[0], dim=-1):
+            state, x_clean = self._observe(x, mask)
+            if horizon == 0:
+                return x_clean
+            return self._generate(state, x.shape[1], horizon, [x_clean])
+
+    def _observe(self, x: torch.Tensor, mask: torch.Tensor):
+        core = self.core
+        T = x.shape[1]
+        x_clean = _clean(x, mask)
+        cached = core.take_guide_states(x)
+        reusing = cached is not None
+        if reusing:  # prior of every step in one call, from the guide's h_{t-1}
+            prior_loc, prior_scale = (p.unbind(-2) for p in core.prior_params(cached.h_prev))
+        else:
+            phi_x = core.phi_x(x_clean).unbind(-2)
+            state = core.rnn.initial_state(x.shape[:1], x)
+        h_prev, phi_z = [], []
+        step_mask = _step_masks(mask)
+        for t in pyro.markov(range(T)):
+            if reusing:
+                loc, scale = prior_loc[t], prior_scale[t]
+            else:
+                loc, scale = core.prior_params(core.rnn.hidden(state))
+            z = pyro.sample(f"z_{t}", _masked(dist.Normal(loc, scale).to_event(1), step_mask[t]))
+            if reusing:
+                if z is cached.z[t]:
+                    continue
+                # z_t is not the guide's: recompute the recurrence from step t on
+                reusing = False
+                phi_x = core.phi_x(x_clean).unbind(-2)
+                state = cached.states[t]
+                h_prev = list(cached.h_prev.unbind(-2)[:t])
+                phi_z = list(cached.phi_z.unbind(-2)[:t])
+            h_prev.append(core.rnn.hidden(state))
+            phi_z.append(core.phi_z(z))
+            state = core.step(phi_x[t], phi_z[-1], state)
+        if reusing:
+            h_all, phi_z_all, state = cached.h_prev, cached.phi_z, cached.final_state
+        else:
+            h_all, phi_z_all = _stack(h_prev), _stack(phi_z)
+        emission = core.emission_dist(phi_z_all, h_all)  # batch (..., B, T)
+        full = all(m is None for m in step_mask)
+        pyro.sample("x", _masked(emission, None if full else mask).to_event(1), obs=x_clean)
+        return state, x_clean
+
+    def _generate(self, state, start: int, steps: int, parts: list) -> torch.Tensor:
+        core = self.core
+        xs = []
+        for t in pyro.markov(range(start, start + steps)):
+            h = core.rnn.hidden(state)
+            loc, scale = core.prior_params(h)
+            z = pyro.sample(f"z_{t}", dist.Normal(loc, scale).to_event(1))
+            phi_z = core.phi_z(z)
+            x_t = pyro.sample(f"x_{t}", core.emission_dist(phi_z, h))
+            xs.append(x_t)
+            state = core.step(core.phi_x(x_t), phi_z, state)
+        generated = _stack(xs)
+        if not parts:
+            return generated
+        shape = torch.broadcast_shapes(parts[0].shape[:-2], generated.shape[:-2])
+        return torch.cat([p.expand(shape + p.shape[-2:]) for p in (*parts, generated)], dim=-2)
+
+
+class VRNNGuide(nn.Module):
+    r"""The filtering guide :math:`q(z_t \mid [\varphi^x(x_t), h_{t-1}])`, one site per step.
+
+    :param core: the :class:`VRNNCore` shared with the model.
+    :param site_guide: a :class:`~pyro_seqlatent.guides.site.SiteGuide` with
+        ``context_dim = feature_dim + h_dim`` and ``latent_dim = z_dim`` (default: a mean-field
+        Gaussian with one hidden layer); e.g. :class:`IAFSiteGuide` for IAFs per step.
+    """
+
+    def __init__(self, core: VRNNCore, site_guide: SiteGuide | None = None,
+                 register_params: bool = False):
+        super().__init__()
+        context_dim = core.feature_dim + core.h_dim
+        if site_guide is None:
+            site_guide = MeanFieldGuide(context_dim, core.z_dim, (core.feature_dim,))
+        if site_guide.context_dim != context_dim or site_guide.latent_dim != core.z_dim:
+            raise ValueError(
+                f"site_guide must have context_dim={context_dim} (feature_dim + h_dim) and "
+                f"latent_dim={core.z_dim}, got {site_guide.context_dim}, {site_guide.latent_dim}"
+            )
+        self.core = core
+        self.site_guide = site_guide
+        self.register_params = register_params
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None, **generation_kwargs):
+        core = self.core
+        if self.register_params:
+            pyro.module("vrnn", core)
+            pyro.module("vrnn_guide", self.site_guide)
+        mask = check_padded_batch(x, mask, core.x_dim, "VRNNGuide")
+        phi_x = core.phi_x(_clean(x, mask)).unbind(-2)  # all steps in one call
+        state = core.rnn.initial_state(x.shape[:1], x)
+        zs, states, h_prev, phi_z = [], [], [], []
+        step_mask = _step_masks(mask)
+        with pyro.plate("data", x.shape[0], dim=-1):
+            for t in pyro.markov(range(x.shape[1])):
+                h = core.rnn.hidden(state)
+                q = self.site_guide(cat_broadcast(phi_x[t], h))
+                z = pyro.sample(f"z_{t}", _masked(q, step_mask[t]))
+                pz = core.phi_z(z)
+                zs.append(z)
+                states.append(state)
+                h_prev.append(h)
+                phi_z.append(pz)
+                state = core.step(phi_x[t], pz, state)
+        core.stash(_GuideStates(x, zs, states, state, _stack(h_prev), _stack(phi_z)))
+
+
+class IAFSiteGuide(SiteGuide):
+    r""":math:`q(z\mid c) = \bigl(f_K\circ\cdots\circ f_1\bigr)_\#\,
+    \mathcal N(\mu(c), \operatorname{diag}\sigma(c)^2)` with IAFs :math:`f_k` shared across time
+    steps (as Pyro's DMM); the Monte Carlo KL is used (no closed form)."""
+
+    def __init__(self, context_dim: int, latent_dim: int, num_flows: int = 2,
+                 hidden_dims: Sequence[int] = (), flow_hidden: int | None = None):
+        super().__init__()
+        from pyro.distributions.transforms import affine_autoregressive
+
+        self.base = MeanFieldGuide(context_dim, latent_dim, hidden_dims)
+        self.context_dim, self.latent_dim = int(context_dim), int(latent_dim)
+        width = [flow_hidden or 4 * latent_dim]
+        self.flows = nn.ModuleList(
+            affine_autoregressive(latent_dim, hidden_dims=width) for _ in range(num_flows)
+        )
+
+    def forward(self, context: torch.Tensor) -> dist.Distribution:
+        loc, scale = self.base.loc_scale(context)
+        return dist.TransformedDistribution(dist.Normal(loc, scale).to_event(1), list(self.flows))
+
+
+def build_vrnn(x_dim: int, *, guide: str = "meanfield", num_flows: int = 2,
+               register_params: bool = False, **core_options) -> tuple[VRNNModel, VRNNGuide]:
+    """``(model, guide)`` sharing one :class:`VRNNCore(x_dim, **core_options)`;
+    ``guide`` is ``"meanfield"`` or ``"iaf"`` (``num_flows`` IAFs per step, shared over time)."""
+    core = VRNNCore(x_dim, **core_options)
+    context_dim = core.feature_dim + core.h_dim
+    if guide == "meanfield":
+        site = MeanFieldGuide(context_dim, core.z_dim, (core.feature_dim,))
+    elif guide == "iaf":
+        site = IAFSiteGuide(context_dim, core.z_dim, num_flows, (core.feature_dim,))
+    else:
+        raise ValueError(f"guide must be 'meanfield' or 'iaf', got {guide!r}")
+    return VRNNModel(core, register_params), VRNNGuide(core, site, register_params)
+
+
+@torch.no_grad()
+def forecast(model: VRNNModel, guide: VRNNGuide, prefix: torch.Tensor, horizon: int,
+             num_samples: int = 1, mask: torch.Tensor | None = None) -> torch.Tensor:
+    r"""Continuations of observed prefixes: :math:`z_{\le P} \sim q(\cdot \mid x_{\le P})`,
+    then :math:`z_t \sim p(z_t\mid h_{t-1})`, :math:`x_t \sim p(x_t \mid z_t, h_{t-1})` for
+    :math:`t = P+1..P+H`.
+
+    :param prefix: ``(B, P, D)`` observed prefixes (all steps observed unless ``mask``).
+    :returns: ``(num_samples, B, H, D)`` sampled continuations.
+    """
+    from pyro import poutine
+
+    if horizon < 1:
+        raise ValueError(f"horizon must be >= 1, got {horizon}")
+    with poutine.block(), pyro.plate("forecast_samples", num_samples, dim=-2):
+        guide_trace = poutine.trace(guide).get_trace(prefix, mask)
+        full = poutine.replay(model, trace=guide_trace)(prefix, mask, horizon=horizon)
+    full = full.expand((num_samples,) + full.shape[-3:])
+    return full[..., prefix.shape[1]:, :]
