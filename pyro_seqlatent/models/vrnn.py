@@ -215,7 +215,9 @@ class VRNNCore(nn.Module):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
         if prior not in ("learned", "standard"):
-            raise ValueError(f"prior must be 'learned' (VRNN) or 'standard' (VRNN-I), got {prior!r}")
+            raise ValueError(
+                f"prior must be 'learned' (VRNN) or 'standard' (VRNN-I), got {prior!r}"
+            )
         self.x_dim, self.z_dim, self.h_dim, self.feature_dim = x_dim, z_dim, h_dim, feature_dim
         self.emission_kind, self.prior_kind = emission, prior
         self.min_scale = float(min_scale)
