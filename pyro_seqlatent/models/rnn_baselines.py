@@ -117,3 +117,43 @@ class EmptyGuide(nn.Module):
 def build_rnn(x_dim: int, **options) -> tuple[RNNModel, EmptyGuide]:
     """``(RNNModel(x_dim, **options), EmptyGuide())``."""
     return RNNModel(x_dim, **options), EmptyGuide()
+
+
+def _build_from_options(options: dict):
+    from pyro_seqlatent.models.vrnn import DATA_DIMS, resolve_emission
+
+    if options["dataset"] not in DATA_DIMS:
+        raise ValueError(f"dataset must be one of {sorted(DATA_DIMS)}, got {options['dataset']!r}")
+    return build_rnn(
+        DATA_DIMS[options["dataset"]], h_dim=options["h_dim"],
+        feature_dim=options["feature_dim"], hidden_dim=options["hidden_dim"],
+        num_layers=options["num_layers"], rnn=options["rnn"],
+        emission=resolve_emission(options), num_components=options["num_components"],
+    )
+
+
+def _register() -> None:
+    from pyro_seqlatent.data.sequences import pad_collate
+    from pyro_seqlatent.models.vrnn import sequence_datasets
+    from pyro_seqlatent.registry import ModelSpec, register_model
+
+    register_model(ModelSpec(
+        name="rnn",
+        build=_build_from_options,
+        datasets=sequence_datasets,
+        defaults={"dataset": "jsb", "emission": "auto", "h_dim": 128, "feature_dim": 128,
+                  "hidden_dim": 128, "num_layers": 1, "rnn": "gru", "num_components": 20,
+                  "max_sequences": 0, "generate_length": 50},
+        collate_fn=pad_collate,
+        elbo="Trace_ELBO",
+        batch_plate="data",
+        generate=lambda model, n, options: model(length=options.get("generate_length", 50),
+                                                 num_sequences=n),
+        train_defaults={"lr": 1e-3, "batch_size": 20, "clip_norm": 10.0},
+        demo={"h_dim": 64, "feature_dim": 64, "hidden_dim": 64, "num_steps": 300, "lr": 3e-3,
+              "batch_size": 20, "max_time_s": 60.0},
+        description="Deterministic RNN baselines (RNN-Bernoulli/Gauss/GMM) of the VRNN paper",
+    ))
+
+
+_register()

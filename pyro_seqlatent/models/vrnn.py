@@ -481,3 +481,73 @@ def forecast(model: VRNNModel, guide: VRNNGuide, prefix: torch.Tensor, horizon: 
         full = poutine.replay(model, trace=guide_trace)(prefix, mask, horizon=horizon)
     full = full.expand((num_samples,) + full.shape[-3:])
     return full[..., prefix.shape[1]:, :]
+
+
+# ----------------------------------------------------------------------------------------------
+# Registry: "vrnn" on JSB piano rolls or FSDD speech frames
+# ----------------------------------------------------------------------------------------------
+DATA_DIMS = {"jsb": 88, "fsdd": 200}
+DEFAULT_EMISSION = {"jsb": "bernoulli", "fsdd": "gmm"}
+
+
+def sequence_datasets(options: dict, root=None) -> dict:
+    """``{"train", "valid", "test"}`` of the ``dataset`` option (``jsb`` or ``fsdd``);
+    ``max_sequences > 0`` keeps only that many sequences per split."""
+    limit = options.get("max_sequences") or None
+    if options["dataset"] == "jsb":
+        from pyro_seqlatent.data.jsb import load_jsb_splits
+
+        return load_jsb_splits(root, max_sequences=limit)
+    if options["dataset"] == "fsdd":
+        from pyro_seqlatent.data.fsdd import load_fsdd_splits
+
+        return load_fsdd_splits(root, max_per_split=limit)
+    raise ValueError(f"dataset must be one of {sorted(DATA_DIMS)}, got {options['dataset']!r}")
+
+
+def resolve_emission(options: dict) -> str:
+    emission = options.get("emission", "auto")
+    return DEFAULT_EMISSION[options["dataset"]] if emission == "auto" else emission
+
+
+def _build_from_options(options: dict):
+    if options["dataset"] not in DATA_DIMS:
+        raise ValueError(f"dataset must be one of {sorted(DATA_DIMS)}, got {options['dataset']!r}")
+    return build_vrnn(
+        DATA_DIMS[options["dataset"]], guide=options["guide"], num_flows=options["num_flows"],
+        z_dim=options["z_dim"], h_dim=options["h_dim"], feature_dim=options["feature_dim"],
+        hidden_dim=options["hidden_dim"], num_layers=options["num_layers"], rnn=options["rnn"],
+        emission=resolve_emission(options), num_components=options["num_components"],
+        prior=options["prior"],
+    )
+
+
+def _generate(model, num_samples: int, options: dict) -> torch.Tensor:
+    return model(length=options.get("generate_length", 50), num_sequences=num_samples)
+
+
+def _register() -> None:
+    from pyro_seqlatent.data.sequences import pad_collate
+    from pyro_seqlatent.registry import ModelSpec, register_model
+
+    register_model(ModelSpec(
+        name="vrnn",
+        build=_build_from_options,
+        datasets=sequence_datasets,
+        defaults={"dataset": "jsb", "emission": "auto", "guide": "meanfield", "num_flows": 2,
+                  "z_dim": 32, "h_dim": 128, "feature_dim": 128, "hidden_dim": 128,
+                  "num_layers": 1, "rnn": "gru", "num_components": 20, "prior": "learned",
+                  "max_sequences": 0, "generate_length": 50},
+        collate_fn=pad_collate,
+        elbo="Trace_ELBO",
+        batch_plate="data",
+        generate=_generate,
+        train_defaults={"lr": 1e-3, "batch_size": 20, "clip_norm": 10.0},
+        demo={"h_dim": 64, "feature_dim": 64, "hidden_dim": 64, "z_dim": 16,
+              "num_steps": 300, "lr": 3e-3, "batch_size": 20, "max_time_s": 90.0},
+        description="VRNN (Chung et al. 2015) on JSB piano rolls or FSDD speech frames; "
+                    "loss per sequence (divide by the number of unmasked steps for per-step)",
+    ))
+
+
+_register()
