@@ -83,3 +83,16 @@ def test_svi_on_twins_raises_the_exact_log_likelihood(which):
     for _ in range(60):
         svi.step(*args)
     assert exact() > before + 0.05
+
+
+def test_em_vs_svi_comparison_runs_and_em_wins_on_synthetic_gmm(tmp_path):
+    from pyro_seqlatent.em.compare import run_all
+
+    (res,) = run_all(tmp_path, models=("gmm",), datasets=("synthetic",), em_iters=30,
+                     svi_steps=6, eval_every=3)
+    assert res["em"]["iterations"] == 30 and res["svi"]["steps"] == 6
+    assert res["em"]["final_loglik"] > res["svi"]["final_loglik"]
+    assert (tmp_path / res["figure"]).exists() and (tmp_path / "table.md").exists()
+    from pyro_seqlatent.registry import list_commands, list_demo_sections
+
+    assert "em-vs-svi" in list_commands() and "em-vs-svi" in list_demo_sections()
