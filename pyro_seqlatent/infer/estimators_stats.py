@@ -29,7 +29,7 @@ from torch import nn
 from pyro_seqlatent.infer.batches import batch_args
 from pyro_seqlatent.infer.elbos import has_differentiable_loss
 from pyro_seqlatent.infer.estimators_elbos import clear_average_baselines
-from pyro_seqlatent.infer.train import elbo_loss, train
+from pyro_seqlatent.infer.train import train
 
 
 @dataclass
@@ -180,9 +180,7 @@ def gradient_stats(
                 start = time.perf_counter()
             for p in params:
                 p.grad = None
-            loss = elbo_loss(estimator, model, guide, data, differentiable=differentiable)
-            if differentiable:
-                loss.backward()
+            loss = _draw(estimator, model, guide, data, differentiable)
             if i < warmup:
                 continue
             losses.append(float(loss.detach()))
@@ -197,6 +195,32 @@ def gradient_stats(
              for name, m in moments.items()}
     loss_t = torch.tensor(losses, dtype=torch.float64)
     return GradientStats(stats, float(loss_t.mean()), float(loss_t.std()), seconds, num_draws)
+
+
+_GRAD_FLAG = "_estimators_grad_flag"
+
+
+def _with_param_site(guide: Callable) -> Callable:
+    """``guide`` plus one unused ``pyro.param`` site: ``RenyiELBO.loss_and_grads`` (and other
+    ELBOs without ``differentiable_loss``) only back-propagate when a trace has a param site."""
+
+    def wrapped(*args, **kwargs):
+        pyro.param(_GRAD_FLAG, lambda: torch.zeros(()))
+        return guide(*args, **kwargs)
+
+    return wrapped
+
+
+def _draw(estimator, model, guide, batch, differentiable: bool) -> torch.Tensor:
+    """One estimator call; gradients end up in ``.grad``; returns the loss."""
+    args, kwargs = batch_args(batch)
+    if differentiable:
+        loss = estimator.differentiable_loss(model, guide, *args, **kwargs)
+        if loss.requires_grad:
+            loss.backward()
+        return loss.detach()
+    return torch.as_tensor(estimator.loss_and_grads(model, _with_param_site(guide), *args,
+                                                    **kwargs))
 
 
 def _cuda_devices(params) -> list:
