@@ -1,0 +1,69 @@
+"""Benchmark of the ELBO gradient estimators (issue 5): variance, SNR and ELBO vs wall time.
+
+Runs ``pyro-seqlatent compare-estimators`` on the binarized-MNIST VAE and on the Latent ODE (the
+sequence model with a continuous latent), and writes under ``benchmarks/results/estimators/``:
+
+* ``<system>/estimators.md``: estimator × parameter group → mean variance, ratio to the
+  reparameterized estimator, median/mean SNR, ms per draw; then steps and seconds to reach a
+  given ELBO when training with each estimator;
+* ``<system>/variance_snr.png``, ``<system>/elbo_curves.png``, ``<system>/gradient_stats.json``.
+
+Usage (data under ``$PYRO_SEQLATENT_DATA``)::
+
+    python benchmarks/estimators.py                 # both systems
+    python benchmarks/estimators.py --only vae --quick
+
+Timings are wall-clock on the machine that runs it: compare them only within one run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import traceback
+from pathlib import Path
+
+from pyro_seqlatent.infer.estimators import ESTIMATORS, run_comparison
+
+OUT = Path(__file__).resolve().parent / "results" / "estimators"
+
+SYSTEMS = {
+    "vae": dict(model="vae", option=["train_limit=10000", "valid_limit=1000"], batch_size=100,
+                pretrain_steps=500, num_draws=100, train_steps=500, eval_every=50, lr=1e-3),
+    "latent_ode": dict(model="latent_ode", option=["dataset=periodic", "n_series=300",
+                                                   "latent_dim=6", "hidden_dim=20",
+                                                   "ode_units=32"],
+                       batch_size=30, pretrain_steps=100,
+                       num_draws=30, train_steps=100, eval_every=20, lr=1e-2),
+}
+QUICK = dict(pretrain_steps=100, num_draws=30, train_steps=100, eval_every=25)
+
+
+def _args(settings: dict, out: Path, device: str, estimators: str) -> argparse.Namespace:
+    return argparse.Namespace(
+        pair=None, estimators=estimators, num_particles=5, run_dir=None, target_elbo=None,
+        out=str(out), data_root=None, device=device, seed=0, **settings)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--only", choices=sorted(SYSTEMS), action="append")
+    parser.add_argument("--quick", action="store_true", help="fewer steps and draws")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--estimators", default=",".join(ESTIMATORS))
+    args = parser.parse_args(argv)
+    status = 0
+    for name in args.only or sorted(SYSTEMS):
+        settings = {**SYSTEMS[name], **(QUICK if args.quick else {})}
+        print(f"== {name}", file=sys.stderr, flush=True)
+        try:
+            path = run_comparison(_args(settings, OUT / name, args.device, args.estimators))
+            print(path.read_text())
+        except Exception:  # report and go on with the next system
+            traceback.print_exc()
+            status = 1
+    return status
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
