@@ -72,7 +72,13 @@ def run_demo(out: Path, models: list[str] | None = None, data_root: str | None =
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    names = models or [m for m in list_models() if get_model(m).demo]
+    sections_available = list_demo_sections()
+    unknown = [m for m in (models or []) if m not in list_models() and m not in
+               sections_available]
+    if unknown:
+        raise ValueError(f"unknown demo entries {unknown}; models: {list_models()}, sections: "
+                         f"{sorted(sections_available)}")
+    names = [m for m in (models or list_models()) if m in list_models() and get_model(m).demo]
     rows, sections, failures = [], [], []
     t_start = time.perf_counter()
     for name in names:
@@ -116,7 +122,7 @@ def run_demo(out: Path, models: list[str] | None = None, data_root: str | None =
         except Exception as err:  # report it, keep going, fail at the end
             traceback.print_exc()
             failures.append((name, repr(err)))
-    for name, section in list_demo_sections().items():
+    for name, section in sections_available.items():
         if models and name not in models:
             continue
         print(f"[demo] {name}", flush=True)
