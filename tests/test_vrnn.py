@@ -145,10 +145,10 @@ def test_log_marginal_with_particles(kind):
         loss = Trace_ELBO().loss(model, guide, **batch)
         assert est.log_marginal.sum().item() == pytest.approx(-loss, rel=1e-5)
     else:
-        single = torch.tensor([-Trace_ELBO().loss(model, guide, **batch) for _ in range(300)])
-        # the mean ELBO over particles matches the plain ELBO
-        assert est.elbo.sum().item() == pytest.approx(single.mean().item(),
-                                                      abs=4 * single.std().item() / 10 + 0.05)
+        single = torch.tensor([-Trace_ELBO().loss(model, guide, **batch) for _ in range(100)])
+        # the mean ELBO over the 300 particles matches the mean of 100 plain ELBO draws
+        tol = 4 * single.std().item() * (1 / 300 + 1 / 100) ** 0.5 + 1e-3
+        assert est.elbo.sum().item() == pytest.approx(single.mean().item(), abs=tol)
 
 
 @pytest.mark.parametrize("emission", ["bernoulli", "gaussian", "gmm"])
