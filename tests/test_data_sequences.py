@@ -6,8 +6,8 @@ import pickle
 import numpy as np
 import pytest
 import torch
-from conftest import require_data
 
+from conftest import require_data
 from pyro_seqlatent.data.fsdd import frame, split_of
 from pyro_seqlatent.data.jsb import (
     LOWEST_MIDI,
