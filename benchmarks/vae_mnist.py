@@ -205,12 +205,16 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    rows = []
+    table = out / "vae_mnist.json"
+    previous = json.loads(table.read_text()) if table.exists() else []
+    rows = [r for r in previous if args.rows and r["row"] not in args.rows]
     for guide, flows in ROWS:
         name = guide + (f"-K{flows}" if flows else "")
         if args.rows and name not in args.rows:
             continue
         rows.append(run_row(guide, flows, args, out))
+        order = [g + (f"-K{k}" if k else "") for g, k in ROWS]
+        rows.sort(key=lambda r: order.index(r["row"]))
         (out / "vae_mnist.json").write_text(json.dumps(rows, indent=2))
         plot_curves(rows, out)
         write_table(rows, args, out)
