@@ -62,6 +62,26 @@ def _fmt(value: Any) -> str:
     return str(value)
 
 
+def split_demo(spec) -> tuple[dict, dict, dict]:
+    """``(model options, train settings, eval settings)`` of a spec's ``demo`` entry, given either
+    as ``{"options": ..., "train": ..., "eval": ...}`` or as one flat dict of both kinds of keys."""
+    from dataclasses import fields
+
+    from pyro_seqlatent.infer import TrainConfig
+
+    demo = dict(spec.demo)
+    ev = demo.pop("eval", None) or {}
+    if "options" in demo or "train" in demo:
+        return dict(demo.get("options") or {}), dict(demo.get("train") or {}), ev
+    train_keys = {f.name for f in fields(TrainConfig)}
+    options = {k: v for k, v in demo.items() if k in spec.defaults}
+    settings = {k: v for k, v in demo.items() if k in train_keys and k not in options}
+    unknown = set(demo) - set(options) - set(settings)
+    if unknown:
+        raise ValueError(f"demo entry of {spec.name!r} has unknown keys {sorted(unknown)}")
+    return options, settings, ev
+
+
 def run_demo(out: Path, models: list[str] | None = None, data_root: str | None = None,
              device: str = "cpu") -> Path:
     """Train every registered system that declares a ``demo`` briefly on real data, evaluate it,
@@ -90,18 +110,17 @@ def run_demo(out: Path, models: list[str] | None = None, data_root: str | None =
         run_dir = out / name
         t0 = time.perf_counter()
         try:
+            options, settings, ev = split_demo(spec)
             result, model, guide, datasets = train_system(
-                name, demo.get("options", {}), run_dir, data_root=data_root, device=device,
-                **demo.get("train", {}))
+                name, options, run_dir, data_root=data_root, device=device, **settings)
             row: dict[str, Any] = {
                 "model": name,
-                "options": demo.get("options", {}),
+                "options": options,
                 "steps": result.step,
                 "train_s": round(result.wall_time_s, 1),
                 "final_train_loss": result.final_loss,
                 "best_valid_loss": result.best_valid,
             }
-            ev = demo.get("eval")
             if ev:
                 test = datasets["test"]
                 if ev.get("max_points") and ev["max_points"] < len(test):
@@ -114,8 +133,8 @@ def run_demo(out: Path, models: list[str] | None = None, data_root: str | None =
                            test_elbo=metrics["elbo"], test_log_px=metrics["log_marginal"])
             figures = [plot_learning_curve(run_dir, title=f"{name}: learning curve")]
             if spec.plot is not None:
-                figures += list(spec.plot(model, guide, datasets, spec.options(
-                    **demo.get("options", {})), run_dir) or [])
+                figures += list(spec.plot(model, guide, datasets, spec.options(**options),
+                                          run_dir) or [])
             row["figures"] = [str(Path(f).relative_to(out)) for f in figures]
             row["wall_s"] = round(time.perf_counter() - t0, 1)
             rows.append(row)
