@@ -101,10 +101,7 @@ class PPCA:
 
             iterator = tqdm(iterator, desc="PPCA EM", leave=False)
         for it in iterator:
-            stats = None
-            for chunk in source:
-                s = self.sufficient_statistics(chunk)
-                stats = s if stats is None else stats + s
+            stats = self.accumulate_statistics(source)
             history.append(float(stats.log_likelihood / stats.rows))
             times.append(time.perf_counter() - start)
             self.m_step(stats)
@@ -129,6 +126,17 @@ class PPCA:
         scale = (evals[:q] - self.noise_variance_).clamp_min(0).sqrt()
         self.components_ = evecs[:, :q] * scale
         return self
+
+    def accumulate_statistics(self, X: Any) -> PPCAStatistics:
+        """The E-step over all chunks of ``X``: the sum of :meth:`sufficient_statistics`."""
+        source = X if isinstance(X, ChunkSource) else self._source(X)
+        stats = None
+        for chunk in source:
+            s = self.sufficient_statistics(chunk)
+            stats = s if stats is None else stats + s
+        if stats is None:
+            raise ValueError("X yielded no data")
+        return stats
 
     def sufficient_statistics(self, X_chunk: torch.Tensor) -> PPCAStatistics:
         """E-step on one chunk (N, D) (NaN = missing) under the current parameters."""

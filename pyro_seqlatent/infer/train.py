@@ -20,11 +20,18 @@ modules (and of Pyro's param store), mini-batches from a torch ``DataLoader``, a
 * metrics to ``metrics.jsonl`` and a tqdm progress bar with loss and throughput.
 
 The data order comes from a :class:`~torch.utils.data.DistributedSampler` seeded by
-``(seed, epoch)``, so the same loop runs under ``torchrun`` with DDP without a second code path.
+``(seed, epoch)``, so the same loop runs under ``torchrun`` with DDP without a second code path:
+``batch_size`` is the *global* batch, each of the :math:`W` processes takes :math:`B/W` examples,
+the ELBO module is wrapped in ``DistributedDataParallel`` (see
+:mod:`pyro_seqlatent.infer.distributed`), the loss and batch size are summed over processes in
+the same tensor that the NaN guard reads (still one host sync per step), and only rank 0 writes
+checkpoints, metrics, the progress bar and calls the callbacks. Checkpoints store the global
+step, so a run resumes with another number of processes.
 """
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import math
@@ -42,6 +49,7 @@ from pyro.poutine.messenger import Messenger
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
+from pyro_seqlatent.infer import distributed as ddp_tools
 from pyro_seqlatent.infer.batches import batch_args, batch_size, to_device
 from pyro_seqlatent.infer.checkpoint import (
     atomic_save,
@@ -106,6 +114,7 @@ class TrainConfig:
     drop_last: bool = False
     max_time_s: float | None = None
     progress: bool = True
+    example_noise: bool = False
 
     def validate(self) -> None:
         if self.num_steps is None and self.num_epochs is None:
@@ -390,27 +399,37 @@ def train(
             )
     if len(train_data) == 0:
         raise ValueError("train_data is empty")
-    main = _is_main_process()
-    run_path = _resolve_run_dir(run_dir) if main else None
     device = torch.device(cfg.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError("device='cuda' was requested but torch.cuda.is_available() is False")
+    if ddp_tools.launched_with_many_processes():  # under torchrun: join the process group
+        device = ddp_tools.init_distributed(device)
+    rank, world_size = ddp_tools.world()
+    local_batch = ddp_tools.local_batch_size(cfg.batch_size, world_size)
+    main = _is_main_process()
+    # every process reads (resume), only rank 0 writes
+    run_path = Path(run_dir) if run_dir is not None else None
+    write_path = _resolve_run_dir(run_dir) if main else None
     model.to(device)
     guide.to(device)
     pyro.set_rng_seed(cfg.seed)
     elbo = make_elbo(cfg.elbo, **cfg.elbo_kwargs)
     differentiable = has_differentiable_loss(elbo)
-    if cfg.kl_anneal_steps > 0 and type(elbo).__name__.startswith("Jit"):
+    jit = type(elbo).__name__.startswith("Jit")
+    if cfg.kl_anneal_steps > 0 and jit:
         raise ValueError(
             f"kl_anneal_steps={cfg.kl_anneal_steps} cannot be used with {type(elbo).__name__}: "
             "a JIT ELBO compiles the model once and would freeze the annealing factor; use the "
             "non-JIT ELBO or kl_anneal_steps=0"
         )
+    if cfg.example_noise and jit:
+        raise ValueError(f"example_noise=True cannot be used with {type(elbo).__name__}: the "
+                         "compiled ELBO bypasses Pyro's handlers; use the non-JIT ELBO")
 
     sampler = ResumableSampler(train_data, cfg.shuffle, cfg.seed, cfg.drop_last)
     loader = DataLoader(
         train_data,
-        batch_size=cfg.batch_size,
+        batch_size=local_batch,
         sampler=sampler,
         collate_fn=collate_fn,
         num_workers=cfg.num_workers,
@@ -421,7 +440,7 @@ def train(
     if steps_per_epoch == 0:
         raise ValueError(
             f"batch_size={cfg.batch_size} with drop_last=True leaves no batch for "
-            f"{len(train_data)} training examples"
+            f"{len(train_data)} training examples ({world_size} process(es))"
         )
     total_steps = cfg.num_steps if cfg.num_steps is not None else cfg.num_epochs * steps_per_epoch
     valid_loader = None
@@ -464,16 +483,38 @@ def train(
     if resume:
         if ckpt_path is None:
             raise ValueError("resume=True needs run_dir=... holding a checkpoint.pt")
-        if ckpt_path.exists():
-            ckpt = load_checkpoint(ckpt_path, map_location=device)
+        ckpt = None
+        if main and ckpt_path.exists():  # rank 0 reads it and sends it to the others
+            ckpt = load_checkpoint(ckpt_path, map_location=device if world_size == 1 else "cpu")
+        ckpt = ddp_tools.broadcast_object(ckpt)
+        if ckpt is not None:
             _restore(ckpt, model, guide, optimizer, scheduler)
             state.update(ckpt["state"])
             last_ckpt_step = state["step"]
-            history = _read_metrics(run_path / METRICS, state["step"])
-    if run_path is not None:
-        with open(run_path / TRAIN_CONFIG, "w") as handle:
-            json.dump(cfg.to_json(), handle, indent=2, default=str)
-        _rewrite_metrics(run_path / METRICS, history)
+            if main:
+                history = _read_metrics(run_path / METRICS, state["step"])
+    if rank > 0:  # the processes' noise streams differ (rank 0 keeps the single-process stream)
+        pyro.set_rng_seed(ddp_tools.derived_seed(cfg.seed, rank, state["step"]) % 2**32)
+    if write_path is not None:
+        with open(write_path / TRAIN_CONFIG, "w") as handle:
+            json.dump({**cfg.to_json(), "world_size": world_size}, handle, indent=2,
+                      default=str)
+        _rewrite_metrics(write_path / METRICS, history)
+
+    # Data parallelism: DDP over the ELBO module for differentiable ELBOs (rank 0's parameters
+    # are broadcast when it is built); gradients it does not own (loss_and_grads ELBOs, pyro.param
+    # outside the modules) are all-reduced by hand. Backward runs on world_size * local loss.
+    ddp_module = None
+    manual_sync: list[torch.Tensor] = []
+    if world_size > 1:
+        extras = list(_extra_store_params([model, guide]).values())
+        ddp_tools.broadcast_([p.data for p in extras])
+        if differentiable:
+            ddp_module = ddp_tools.wrap_ddp(ddp_tools.ELBOModule(model, guide, elbo), device)
+            manual_sync = extras
+        else:
+            ddp_tools.broadcast_([p.data for p in params])
+            manual_sync = params
 
     def save(path: Path) -> None:
         atomic_save(
@@ -507,24 +548,33 @@ def train(
         from tqdm.auto import tqdm
 
         bar = tqdm(total=total_steps, initial=state["step"], desc="train", dynamic_ncols=True)
-    metrics_file = open(run_path / METRICS, "a") if run_path is not None else None  # noqa: SIM115
+    metrics_file = open(write_path / METRICS, "a") if write_path else None  # noqa: SIM115
     try:
         while state["step"] < total_steps and stopped == "completed":
             epoch, offset = divmod(state["step"], steps_per_epoch)
             sampler.set_epoch(epoch)
-            sampler.skip = offset * cfg.batch_size
-            for batch in loader:
+            sampler.skip = offset * local_batch
+            example_indices = _batched_indices(sampler, local_batch) if cfg.example_noise else None
+            for i_batch, batch in enumerate(loader):
                 step = state["step"] + 1
                 t0 = time.perf_counter()
                 batch = to_device(batch, device)
                 n = batch_size(batch)
                 beta = _kl_scale(cfg, step)
                 optimizer.zero_grad(set_to_none=True)
+                noise = (ddp_tools.ExampleNoise(example_indices[i_batch], seed=cfg.seed, step=step)
+                         if example_indices is not None else contextlib.nullcontext())
                 try:
-                    loss = elbo_loss(
-                        elbo, _annealed(model_fn, beta), _annealed(guide_fn, beta), batch,
-                        differentiable=differentiable,
-                    )
+                    with noise:
+                        if ddp_module is not None:
+                            args, kwargs = batch_args(batch)
+                            loss = ddp_module(_annealed(model_fn, beta), _annealed(guide_fn, beta),
+                                              *args, **kwargs)
+                        else:
+                            loss = elbo_loss(
+                                elbo, _annealed(model_fn, beta), _annealed(guide_fn, beta), batch,
+                                differentiable=differentiable,
+                            )
                 except ValueError as err:
                     # Pyro's argument validation sees NaN/inf distribution parameters first.
                     if "Expected parameter" not in str(err) or state["step"] == 0:
@@ -534,12 +584,24 @@ def train(
                         ckpt_path if last_ckpt_step else None, last_ckpt_step,
                     ) from err
                 if differentiable:
-                    loss.backward()
+                    (loss * world_size if ddp_module is not None else loss).backward()
+                if manual_sync:  # DDP averaged world_size * grad; the rest is summed here
+                    ddp_tools.all_reduce_gradients_(
+                        manual_sync, 1.0 / world_size if ddp_module is not None else 1.0)
                 max_norm = cfg.clip_norm if cfg.clip_norm is not None else float("inf")
                 grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
-                loss_value, norm_value = (
-                    torch.stack([loss.detach().to(grad_norm), grad_norm]).cpu().tolist()
+                over_time = (cfg.max_time_s is not None
+                             and time.perf_counter() - start_time >= cfg.max_time_s)
+                totals = loss.detach().to(grad_norm)
+                if world_size > 1:  # global loss, batch and time flag: no host sync here
+                    totals = torch.stack([totals, torch.full_like(grad_norm, n),
+                                          torch.full_like(grad_norm, float(over_time))])
+                    ddp_tools.all_reduce_([totals])
+                loss_value, *rest, norm_value = (
+                    torch.cat([totals.reshape(-1), grad_norm.reshape(1)]).cpu().tolist()
                 )
+                if rest:
+                    n, over_time = int(round(rest[0])), rest[1] > 0
                 if not math.isfinite(loss_value) or not math.isfinite(norm_value):
                     what = "the loss" if not math.isfinite(loss_value) else "the gradient norm"
                     raise TrainingDiverged(step, what, ckpt_path if last_ckpt_step else None,
@@ -569,9 +631,9 @@ def train(
                     if best is None or valid < best - cfg.early_stopping_min_delta:
                         state["best_valid"] = valid
                         state["bad_validations"] = 0
-                        if run_path is not None:
+                        if write_path is not None:
                             state["elapsed"] = time.perf_counter() - start_time
-                            save(run_path / BEST)
+                            save(write_path / BEST)
                     else:
                         state["bad_validations"] += 1
                         if (cfg.early_stopping_patience is not None
@@ -582,16 +644,16 @@ def train(
                     if metrics_file is not None:
                         metrics_file.write(json.dumps(record) + "\n")
                         metrics_file.flush()
-                    for callback in callbacks:
+                    for callback in callbacks if main else ():
                         callback(record, model, guide)
                 if bar is not None:
                     bar.update(1)
                     bar.set_postfix(loss=f"{record['loss']:.4g}",
                                     ex_s=f"{record['examples_per_s']:.0f}", refresh=False)
-                if cfg.max_time_s is not None and record["time_s"] >= cfg.max_time_s:
+                if over_time:  # decided before the sync, so every process agrees
                     stopped = "time_budget"
                 is_last = step >= total_steps or stopped != "completed"
-                if run_path is not None and (
+                if write_path is not None and (
                     is_last or (cfg.checkpoint_every and step % cfg.checkpoint_every == 0)
                 ):
                     state["elapsed"] = time.perf_counter() - start_time
@@ -614,9 +676,16 @@ def train(
         final_loss=state["last_loss"],
         best_valid=state["best_valid"],
         stopped=stopped,
-        run_dir=run_path,
+        run_dir=write_path if main else run_path,
         wall_time_s=time.perf_counter() - start_time,
     )
+
+
+def _batched_indices(sampler: ResumableSampler, size: int) -> list[list[int]]:
+    """The dataset indices of this process's batches, in the order the loader yields them (the
+    sampler is deterministic given its epoch and skip)."""
+    indices = list(iter(sampler))
+    return [indices[i:i + size] for i in range(0, len(indices), size)]
 
 
 def _rewrite_metrics(path: Path, rows: list[dict]) -> None:
