@@ -12,7 +12,7 @@ For a sequence :math:`x_{1:T}` with latents :math:`z_{1:T}` and deterministic RN
     h_t &= f\bigl([\varphi^{x}(x_t), \varphi^{z}(z_t)], h_{t-1}\bigr)
         \quad(f = \text{GRU or LSTM cell}) \\
     q(z_t \mid x_{\le t}, z_{<t}) &= q\bigl(z_t \mid [\varphi^{x}(x_t), h_{t-1}]\bigr)
-        \quad(\text{diagonal Gaussian, or any } \texttt{SiteGuide}\text{, e.g. with IAFs})
+        \quad(\text{diagonal Gaussian, or any } \texttt{SiteGuide}\text{, e.g. FlowGuide IAFs})
 
 and the ELBO :math:`\sum_t m_t\,\mathbb E_q[\log p(x_t\mid z_t,h_{t-1})
 - \mathrm{KL}(q(z_t\mid\cdot)\,\|\,p(z_t\mid h_{t-1}))]`, where the mask :math:`m_t` removes padded
@@ -48,7 +48,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from pyro_seqlatent.data.sequences import check_padded_batch
-from pyro_seqlatent.guides.site import MeanFieldGuide, SiteGuide
+from pyro_seqlatent.guides import FlowGuide, MeanFieldGuide, SiteGuide
 from pyro_seqlatent.nn import MLP
 
 EMISSIONS = ("bernoulli", "gaussian", "gmm")
@@ -383,7 +383,7 @@ class VRNNGuide(nn.Module):
     :param core: the :class:`VRNNCore` shared with the model.
     :param site_guide: a :class:`~pyro_seqlatent.guides.site.SiteGuide` with
         ``context_dim = feature_dim + h_dim`` and ``latent_dim = z_dim`` (default: a mean-field
-        Gaussian with one hidden layer); e.g. :class:`IAFSiteGuide` for IAFs per step.
+        Gaussian with one hidden layer); e.g. ``FlowGuide(..., flow="iaf")`` for IAFs per step.
     """
 
     def __init__(self, core: VRNNCore, site_guide: SiteGuide | None = None,
@@ -425,38 +425,20 @@ class VRNNGuide(nn.Module):
         core.stash(_GuideStates(x, zs, states, state, _stack(h_prev), _stack(phi_z)))
 
 
-class IAFSiteGuide(SiteGuide):
-    r""":math:`q(z\mid c) = \bigl(f_K\circ\cdots\circ f_1\bigr)_\#\,
-    \mathcal N(\mu(c), \operatorname{diag}\sigma(c)^2)` with IAFs :math:`f_k` shared across time
-    steps (as Pyro's DMM); the Monte Carlo KL is used (no closed form)."""
-
-    def __init__(self, context_dim: int, latent_dim: int, num_flows: int = 2,
-                 hidden_dims: Sequence[int] = (), flow_hidden: int | None = None):
-        super().__init__()
-        from pyro.distributions.transforms import affine_autoregressive
-
-        self.base = MeanFieldGuide(context_dim, latent_dim, hidden_dims)
-        self.context_dim, self.latent_dim = int(context_dim), int(latent_dim)
-        width = [flow_hidden or 4 * latent_dim]
-        self.flows = nn.ModuleList(
-            affine_autoregressive(latent_dim, hidden_dims=width) for _ in range(num_flows)
-        )
-
-    def forward(self, context: torch.Tensor) -> dist.Distribution:
-        loc, scale = self.base.loc_scale(context)
-        return dist.TransformedDistribution(dist.Normal(loc, scale).to_event(1), list(self.flows))
-
-
 def build_vrnn(x_dim: int, *, guide: str = "meanfield", num_flows: int = 2,
                register_params: bool = False, **core_options) -> tuple[VRNNModel, VRNNGuide]:
     """``(model, guide)`` sharing one :class:`VRNNCore(x_dim, **core_options)`;
-    ``guide`` is ``"meanfield"`` or ``"iaf"`` (``num_flows`` IAFs per step, shared over time)."""
+    ``guide`` is ``"meanfield"`` (:class:`~pyro_seqlatent.guides.MeanFieldGuide`) or ``"iaf"``:
+    the project's :class:`~pyro_seqlatent.guides.FlowGuide` with ``num_flows`` conditional IAFs
+    (MADEs reading the context :math:`[\varphi^x(x_t), h_{t-1}]`), shared over time as in
+    Pyro's DMM; its Monte Carlo KL is used (no closed form)."""
     core = VRNNCore(x_dim, **core_options)
     context_dim = core.feature_dim + core.h_dim
     if guide == "meanfield":
         site = MeanFieldGuide(context_dim, core.z_dim, (core.feature_dim,))
     elif guide == "iaf":
-        site = IAFSiteGuide(context_dim, core.z_dim, num_flows, (core.feature_dim,))
+        site = FlowGuide(context_dim, core.z_dim, flow="iaf", num_flows=num_flows,
+                         hidden_dims=(core.feature_dim,))
     else:
         raise ValueError(f"guide must be 'meanfield' or 'iaf', got {guide!r}")
     return VRNNModel(core, register_params), VRNNGuide(core, site, register_params)
