@@ -26,6 +26,8 @@ from pyro_seqlatent.infer.distributed import (
 from pyro_seqlatent.models.vae import VAE, VAEGuide
 from pyro_seqlatent.models.vrnn import build_vrnn
 
+pytestmark = pytest.mark.timeout(150)  # the spawned jobs have their own, shorter timeouts
+
 STEPS, BATCH, SEED = 6, 8, 3  # 32 examples: 4 steps per epoch, so the run crosses an epoch
 
 
@@ -77,10 +79,11 @@ def ppca_data():
     return x
 
 
-def fit_models(setup, out=None):
+def fit_models(setup, out=None, steps=STEPS, resume=False):
     model, guide, data, collate = setup()
-    train(model, guide, data, collate_fn=collate, num_steps=STEPS, batch_size=BATCH, lr=0.02,
-          seed=SEED, example_noise=True, progress=False, clip_norm=5.0, run_dir=out)
+    train(model, guide, data, collate_fn=collate, num_steps=steps, batch_size=BATCH, lr=0.02,
+          seed=SEED, example_noise=True, progress=False, clip_norm=5.0, run_dir=out,
+          resume=resume)
     return {k: v.detach().clone() for k, v in {**model.state_dict(),
                                                **guide.state_dict()}.items()}
 
@@ -89,6 +92,7 @@ def _worker(rank, out_dir):
     pyro.clear_param_store()
     results = {"vae": fit_models(vae_setup, f"{out_dir}/vae-run"),
                "vrnn": fit_models(vrnn_setup)}
+    fit_models(vrnn_setup, f"{out_dir}/to-resume", steps=STEPS - 3)  # finished by 1 process
     x = gmm_data()
     gmm = DistributedGaussianMixture(3, **GMM_KW).fit(x[shard_rows(len(x))])
     results["gmm"] = {"means": gmm.means_, "covariances": gmm.covariances_,
@@ -148,6 +152,18 @@ def test_rank0_alone_writes_the_run_folder(two_process_results):
     assert len(rows) == STEPS  # one writer, one row per step
     assert sorted(p.name for p in run.iterdir()) == ["checkpoint.pt", "metrics.jsonl",
                                                       "train_config.json"]
+
+
+def test_resume_with_another_number_of_processes(two_process_results):
+    """2 processes train 3 steps, 1 process resumes to 6: the same as 6 steps in one process
+    (global step, data position and optimizer state travel in the checkpoint)."""
+    _, _, out = two_process_results
+    resumed = fit_models(vrnn_setup, out / "to-resume", resume=True)
+    single = fit_models(vrnn_setup)
+    for key, value in single.items():
+        torch.testing.assert_close(resumed[key], value, rtol=1e-4, atol=2e-5, msg=key)
+    rows = (out / "to-resume" / "metrics.jsonl").read_text().splitlines()
+    assert len(rows) == STEPS
 
 
 def test_sharded_gmm_and_ppca_equal_single_process_fits(two_process_results):
