@@ -8,12 +8,19 @@ themselves (:mod:`pyro_seqlatent.registry`); their options become flags automati
     pyro-seqlatent evaluate runs/vae-iaf --num-samples 5000 --max-points 1000
     pyro-seqlatent sample runs/vae-iaf -n 64
     pyro-seqlatent demo --out runs/demo
+    pyro-seqlatent train vrnn --nproc 4 --batch-size 64 --run-dir runs/vrnn-4   # 4 processes
+
+``--nproc N`` re-launches the same command under ``torchrun --standalone --nproc_per_node N``
+(one machine); for several machines run ``torchrun ... -m pyro_seqlatent.cli train ...`` yourself
+(docs: "Training on many GPUs or machines").
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import subprocess
 import sys
 import time
 from dataclasses import MISSING, fields
@@ -91,6 +98,9 @@ def _train_parser(spec: ModelSpec) -> argparse.ArgumentParser:
     parser.add_argument("--num-particles", type=int, default=1,
                         help="particles per ELBO estimate, vectorized (default: 1)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--nproc", type=int, default=1, metavar="N",
+                        help="data-parallel processes on this machine, launched with torchrun; "
+                        "--batch-size is the global batch (default: 1)")
     model_group = parser.add_argument_group(f"{spec.name} options")
     _add_options(model_group, spec.defaults, helps=spec.option_help)
     train_group = parser.add_argument_group("training options")
@@ -124,8 +134,9 @@ def train_system(
     pyro.set_rng_seed(settings.get("seed", 0))
     datasets = spec.datasets(options, data_root)
     model, guide = spec.build(options)
-    (run_dir / RUN_CONFIG).write_text(json.dumps(
-        {"model": name, "options": options, "data_root": data_root}, indent=2, default=str))
+    if int(os.environ.get("RANK", "0")) == 0:  # under torchrun only rank 0 writes
+        (run_dir / RUN_CONFIG).write_text(json.dumps(
+            {"model": name, "options": options, "data_root": data_root}, indent=2, default=str))
     settings.setdefault("elbo", spec.elbo)
     result = train(model, guide, datasets["train"], valid_data=datasets.get("valid"),
                    collate_fn=spec.collate_fn, run_dir=run_dir, resume=resume, **settings)
@@ -166,6 +177,13 @@ def _cmd_train(argv: list[str]) -> int:
         return 0 if argv and argv[0] in ("-h", "--help") else 2
     spec = get_model(argv[0])
     args = vars(_train_parser(spec).parse_args(argv[1:]))
+    nproc = args.pop("nproc")
+    if nproc < 1:
+        print(f"pyro-seqlatent: error: --nproc must be >= 1, got {nproc}", file=sys.stderr)
+        return 2
+    if nproc > 1 and "WORLD_SIZE" not in os.environ:  # re-launch under torchrun
+        run_dir = args["run_dir"] or f"runs/{spec.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+        return subprocess.call(torchrun_command(argv, nproc, run_dir))
     options = {k: args.pop(k) for k in list(args) if k in spec.defaults}
     train_kwargs = {k: args.pop(k) for k in list(args) if k in _train_defaults()}
     num_particles = args.pop("num_particles")
@@ -177,10 +195,32 @@ def _cmd_train(argv: list[str]) -> int:
         elbo=args["elbo"], elbo_kwargs=elbo_kwargs, device=args["device"], seed=args["seed"],
         progress=not args["no_progress"], **train_kwargs,
     )
-    print(json.dumps({"run_dir": str(result.run_dir), "steps": result.step,
-                      "final_loss": result.final_loss, "best_valid": result.best_valid,
-                      "stopped": result.stopped, "wall_time_s": round(result.wall_time_s, 1)}))
+    from pyro_seqlatent.infer.distributed import shutdown, world
+
+    if world()[0] == 0:
+        print(json.dumps({"run_dir": str(result.run_dir), "steps": result.step,
+                          "final_loss": result.final_loss, "best_valid": result.best_valid,
+                          "stopped": result.stopped, "wall_time_s": round(result.wall_time_s, 1),
+                          "processes": world()[1]}))
+    shutdown()
     return 0
+
+
+def torchrun_command(argv: list[str], nproc: int, run_dir: str) -> list[str]:
+    """``python -m torch.distributed.run --standalone --nproc_per_node N -m pyro_seqlatent.cli
+    train MODEL ...`` for ``train`` arguments ``argv`` (``--nproc`` removed, ``--run-dir`` fixed
+    so that every process writes to, and resumes from, the same folder)."""
+    rest, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == "--nproc" or arg == "--run-dir":
+            skip = True
+        elif not arg.startswith(("--nproc=", "--run-dir=")):
+            rest.append(arg)
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone",
+            f"--nproc_per_node={nproc}", "-m", "pyro_seqlatent.cli", "train", *rest,
+            "--run-dir", str(run_dir)]
 
 
 def _cmd_evaluate(args) -> int:

@@ -272,3 +272,13 @@ def test_trainer_makes_one_host_sync_per_step():
     few, many = run(1), run(3)  # one epoch (the sampler's CPU randperm().tolist() is per epoch)
     per_step = {k: (many[k] - few[k]) / 2 for k in many}
     assert per_step["tolist"] == 1 and per_step["cpu"] == 1
+
+
+def test_cli_nproc_relaunches_under_torchrun():
+    from pyro_seqlatent.cli import torchrun_command
+
+    cmd = torchrun_command(["vrnn", "--nproc", "2", "--run-dir", "old", "--lr=0.1",
+                            "--nproc=3"], 2, "runs/x")
+    assert cmd[1:6] == ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                        "-m"]
+    assert cmd[6:] == ["pyro_seqlatent.cli", "train", "vrnn", "--lr=0.1", "--run-dir", "runs/x"]
