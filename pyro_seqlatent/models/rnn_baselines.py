@@ -151,7 +151,8 @@ def _register() -> None:
                                                  num_sequences=n),
         train_defaults={"lr": 1e-3, "batch_size": 20, "clip_norm": 10.0},
         demo={"h_dim": 64, "feature_dim": 64, "hidden_dim": 64, "num_steps": 300, "lr": 3e-3,
-              "batch_size": 20, "max_time_s": 60.0},
+              "batch_size": 20, "max_time_s": 60.0,
+              "eval": {"num_samples": 20, "max_points": 16, "batch_size": 16}},
         description="Deterministic RNN baselines (RNN-Bernoulli/Gauss/GMM) of the VRNN paper",
     ))
 

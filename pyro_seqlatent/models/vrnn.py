@@ -526,7 +526,8 @@ def _register() -> None:
         generate=_generate,
         train_defaults={"lr": 1e-3, "batch_size": 20, "clip_norm": 10.0},
         demo={"h_dim": 64, "feature_dim": 64, "hidden_dim": 64, "z_dim": 16,
-              "num_steps": 300, "lr": 3e-3, "batch_size": 20, "max_time_s": 90.0},
+              "num_steps": 300, "lr": 3e-3, "batch_size": 20, "max_time_s": 70.0,
+              "eval": {"num_samples": 20, "max_points": 16, "batch_size": 16}},
         description="VRNN (Chung et al. 2015) on JSB piano rolls or FSDD speech frames; "
                     "loss per sequence (divide by the number of unmasked steps for per-step)",
     ))
