@@ -152,7 +152,7 @@ register_model(ModelSpec(
     batch_plate="data",
     generate=generate,
     train_defaults={"lr": 1e-3, "batch_size": 64, "num_epochs": 100},
-    demo={"num_epochs": 20},
+    demo={"num_epochs": 20, "eval": {"num_samples": 1, "max_points": 270}},
     description="NICE / RealNVP density on dequantized 8x8 digits (maximum likelihood)",
 ))
 
