@@ -11,7 +11,8 @@ time (best validation checkpoint kept), then reports on the test split:
 
 Outputs under ``--out`` (default ``benchmarks/results/vrnn``): ``results.json``, ``results.md``
 (one table, the command per row), ``curve_<row>.png`` learning curves, ``fig2_kl_delta.png``
-(seed 000's Figure 2) and ``fig3_samples.png`` (Figure 3: generated piano rolls / waveforms).
+(seed 000's Figure 2) and ``fig3_samples_{jsb,fsdd}.png`` (Figure 3: generated piano rolls /
+waveforms of the rows run in that invocation). Rows of earlier invocations are kept in the table.
 
     python benchmarks/vrnn.py --rows jsb-rnn,jsb-vrnn --minutes 3 --num-samples 500
     python benchmarks/vrnn.py --rows all --minutes 60            # the full table
@@ -95,9 +96,12 @@ def run_row(row: str, args, data_cache: dict) -> dict:
         "neg_elbo_per_sequence": neg_elbo / len(test), "ll_per_sequence": ll_total / len(test),
         "ll_per_sequence_sem": est["log_marginal_sem"], "eval_wall_s": eval_s,
         "curve": [{k: r[k] for k in ("step", "time_s", "loss", "valid_loss") if k in r}
-                  for r in result.history if "valid_loss" in r or r["step"] % 25 == 0],
+                  for r in result.history
+                  if "valid_loss" in r or r["step"] % 25 == 0 or r is result.history[-1]],
         "command": f"python benchmarks/vrnn.py --rows {row} --minutes {args.minutes} "
-                   f"--num-samples {args.num_samples}",
+                   f"--num-samples {args.num_samples}"
+                   + (f" --lr {args.lr}" if args.lr != 1e-3 else "")
+                   + (f" --options '{args.options}'" if args.options != "{}" else ""),
     }
     plot_curve(out, args.out / f"curve_{row}.png")
     return out, model, guide, data
@@ -119,7 +123,9 @@ def plot_curve(row: dict, path: Path) -> None:
     ax.set_ylabel("negative ELBO per sequence")
     ax.set_title(row["label"] + f" ({row['options']['dataset']})")
     lows = [v for _, v in valid] or [r["loss"] for r in row["curve"]]
-    ax.set_ylim(min(lows) - 0.1 * abs(min(lows)), max(lows[0] * 1.2, min(lows) + 1))
+    if lows:  # frame the validation curve (the first train losses can be far above it)
+        pad = 0.15 * (max(lows) - min(lows)) + 1.0
+        ax.set_ylim(min(lows) - pad, max(lows) + pad)
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -188,8 +194,9 @@ def markdown(rows: list[dict], args) -> str:
             f"{r['nll_per_step']:.3f} | {r['ll_per_sequence']:.1f} ± "
             f"{r['ll_per_sequence_sem']:.1f} | {r['train_steps']} / {r['train_wall_s']:.0f} s "
             f"| `{r['command']}` |")
-    lines += ["", f"K = {args.num_samples} importance samples; per-step figures divide by the "
-              "number of unpadded test frames; FSDD frames are normalised (global mean/std).",
+    lines += ["", "K = importance samples of the row (in its command); per-step figures divide "
+              "by the number of unpadded test frames; FSDD frames are normalised "
+              "(global mean/std).",
               "Anchors: " + "; ".join(ANCHORS.values())]
     return "\n".join(lines) + "\n"
 
@@ -217,10 +224,15 @@ def main(argv=None):
     if unknown:
         sys.exit(f"unknown rows {sorted(unknown)}; known: {list(ROWS)}")
     args.out.mkdir(parents=True, exist_ok=True)
-    results, samples, cache = [], {}, {}
+    results_path = args.out / "results.json"
+    # rows measured by earlier invocations stay in the table unless re-run now
+    kept = json.loads(results_path.read_text()) if results_path.exists() else []
+    results = [r for r in kept if r["row"] not in rows]
+    samples, cache = {}, {}
     for row in rows:
         out, model, guide, data = run_row(row, args, cache)
         results.append(out)
+        results.sort(key=lambda r: list(ROWS).index(r["row"]))
         print(json.dumps({k: v for k, v in out.items() if k != "curve"}), flush=True)
         pyro.set_rng_seed(args.seed)
         length = 100 if out["options"]["dataset"] == "jsb" else 40
@@ -230,9 +242,12 @@ def main(argv=None):
         if row == "fsdd-vrnn-gmm" or (row.startswith("fsdd-vrnn") and not any(
                 r == "fsdd-vrnn-gmm" for r in rows)):
             figure2(model, guide, data, args.out / "fig2_kl_delta.png")
-        (args.out / "results.json").write_text(json.dumps(results, indent=1, default=str))
+        results_path.write_text(json.dumps(results, indent=1, default=str))
         (args.out / "results.md").write_text(markdown(results, args))
-    figure3(samples, args.out / "fig3_samples.png")
+    for dataset in ("jsb", "fsdd"):
+        drawn = {k: v for k, v in samples.items() if k.endswith(f"({dataset})")}
+        if drawn:
+            figure3(drawn, args.out / f"fig3_samples_{dataset}.png")
     print(markdown(results, args))
     return results
 
