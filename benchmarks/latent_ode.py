@@ -9,6 +9,7 @@ samples of z0) or of the one-step predictions (baselines), on the entries the ta
         --cells periodic:interp:0.5 periodic:extrap physionet:interp \\
         --models latent_ode ode_rnn rnn_dt --out benchmarks/results/latent_ode
 
+Rows of earlier commands with the same ``--out`` are kept (a re-run cell replaces its row).
 Writes ``results.json``, ``results.md``, per-cell run folders with ``metrics.jsonl``,
 ``learning_curve.png`` and figures.
 """
@@ -150,22 +151,42 @@ def union_vs_rescaled(n_series=30, n_points=100, repeats=3, seed=0) -> dict:
     return out
 
 
+def row_key(row: dict) -> tuple:
+    return row["dataset"], row["task"], float(row["fraction"]), row["model"]
+
+
+def load_previous(path: Path) -> tuple[list, dict | None]:
+    """Rows and solve benchmark of an earlier run into the same ``--out`` (so that cells run
+    by separate commands end up in one table); empty when there is none."""
+    if not path.exists():
+        return [], None
+    saved = json.loads(path.read_text())
+    return list(saved.get("rows", [])), saved.get("solve")
+
+
+def merge_row(rows: list, new: dict) -> list:
+    """``rows`` with ``new`` replacing the row of the same dataset/task/fraction/model."""
+    return [r for r in rows if row_key(r) != row_key(new)] + [new]
+
+
 def markdown(rows, solve) -> str:
     lines = ["# Latent ODE benchmark", "",
              "Test MSE on the scored entries (interp: all points; extrap: the second half). "
              "`anchor` = the paper's value where it reports one. Short CPU budgets: the gap "
              "to the anchors is the budget, see the learning curves.", "",
-             "| dataset | task | observed | model | test MSE | anchor | steps | epochs | "
-             "s/epoch | s/step | gen NFE fwd/bwd | enc NFE fwd/bwd |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| dataset | task | observed | model | test MSE | anchor | gap (÷ anchor) | steps | "
+             "epochs | s/epoch | s/step | gen NFE fwd/bwd | enc NFE fwd/bwd |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    rows = sorted(rows, key=row_key)
     for r in rows:
         anchor = "–" if r["anchor_mse"] is None else f"{r['anchor_mse']:.4g}"
+        gap = "–" if r["anchor_mse"] is None else f"{r['test_mse'] / r['anchor_mse']:.2f}×"
         gen = f"{r.get('gen_nfe_forward', '–')}/{r.get('gen_nfe_backward', '–')}"
         enc = f"{r.get('enc_nfe_forward', '–')}/{r.get('enc_nfe_backward', '–')}"
         spe = "–" if r["s_per_epoch"] is None else f"{r['s_per_epoch']:.1f}"
         lines.append(
             f"| {r['dataset']} | {r['task']} | {r['fraction']} | {r['model']} | "
-            f"{r['test_mse']:.4g} | {anchor} | {r['steps']} | {r['epochs']:.2f} | {spe} | "
+            f"{r['test_mse']:.4g} | {anchor} | {gap} | {r['steps']} | {r['epochs']:.2f} | {spe} | "
             f"{r['step_s']:.2f} | {gen} | {enc} |")
     lines += ["", "Commands:", ""] + [f"- `{r['command']}`" for r in rows]
     if solve:
@@ -197,14 +218,16 @@ def main(argv=None):
     args = p.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    rows = []
+    rows, solve = load_previous(out / "results.json")
     for text in args.cells:
         cell = parse_cell(text)
         for name in args.models:
             print(f"[latent_ode bench] {cell} {name}", flush=True)
-            rows.append(run_cell(name, cell, args, out))
-            (out / "results.json").write_text(json.dumps({"rows": rows}, indent=2, default=str))
-    solve = None if args.no_solve_bench else union_vs_rescaled()
+            rows = merge_row(rows, run_cell(name, cell, args, out))
+            (out / "results.json").write_text(json.dumps({"rows": rows, "solve": solve},
+                                                         indent=2, default=str))
+    if not args.no_solve_bench:
+        solve = union_vs_rescaled()
     (out / "results.json").write_text(json.dumps({"rows": rows, "solve": solve}, indent=2,
                                                  default=str))
     (out / "results.md").write_text(markdown(rows, solve))

@@ -213,3 +213,38 @@ def test_encoder_same_on_union_grid_and_per_sequence_batches():
     q_p = guide.posterior(**padded_collate(items))
     torch.testing.assert_close(q_u.mean, q_p.mean, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(q_u.stddev, q_p.stddev, atol=1e-5, rtol=1e-5)
+
+
+class Rotation(CountingField):
+    """dz/dt = A z with A = [[0, -w], [w, 0]]: z(t) = R(w (t - t0)) z0."""
+
+    def __init__(self, w):
+        super().__init__()
+        self.w = w
+
+    def field(self, t, z):
+        return self.w * torch.stack([-z[..., 1], z[..., 0]], dim=-1)
+
+
+@pytest.mark.parametrize("t0", [0.0, -0.4])
+@pytest.mark.parametrize("per_sequence", [False, True])
+def test_decoder_sees_z_at_each_observation_time(t0, per_sequence):
+    """x_i is scored against dec(z(t_i)) with z0 living at t0, also when the grid starts
+    after t0 (closed form of a rotation field; the decoder reads the first coordinate)."""
+    w = 1.3
+    model = LatentODEModel(1, 2, rtol=1e-8, atol=1e-9, t0=t0).double()
+    model.func = Rotation(w)
+    with torch.no_grad():
+        model.decoder.net[-1].weight.copy_(torch.tensor([[1.0, 0.0]]))
+        model.decoder.net[-1].bias.zero_()
+    times = torch.tensor([[0.5, 1.1, 2.0, 3.7], [0.2, 0.9, 2.6, 2.6]], dtype=torch.float64)
+    if not per_sequence:
+        times = times[0]
+    b, n = 2, 4
+    values = torch.zeros(b, n, 1, dtype=torch.float64)
+    batch = {"values": values, "mask": torch.ones_like(values), "times": times}
+    z0 = torch.tensor([[1.0, 0.0], [0.3, -0.8]], dtype=torch.float64)
+    loc = _model_trace(model, z0, batch).nodes["x"]["fn"].base_dist.base_dist.loc
+    angle = w * (times.expand(b, n) - t0)
+    expected = z0[:, :1] * torch.cos(angle) - z0[:, 1:] * torch.sin(angle)
+    torch.testing.assert_close(loc[..., 0], expected, atol=1e-6, rtol=1e-6)
