@@ -127,3 +127,79 @@ def test_global_latent_must_be_point_estimate():
     assert torch.allclose(est.log_marginal, expected, atol=1e-6)
     with pytest.raises(ValueError, match="no vectorized plate named 'batch'"):
         log_marginal(Model(), DeltaGuide(), x, num_samples=4, batch_plate="batch")
+
+
+def test_random_subsample_scores_the_same_points_in_every_chunk():
+    import pyro
+    import pyro.distributions as dist
+    from torch import nn
+
+    data = torch.linspace(-1.5, 1.5, 6)
+    model = NormalNormal(noise=0.6)
+    exact = AffineNormalGuide.exact_for(model)
+
+    class Sub(nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, x):
+            with pyro.plate("data", 6, subsample_size=3) as idx:
+                if isinstance(self.inner, NormalNormal):
+                    z = pyro.sample("z", dist.Normal(0.0, 1.0))
+                    pyro.sample("x", dist.Normal(z, self.inner.noise), obs=x[idx])
+                else:
+                    pyro.sample("z", dist.Normal(self.inner.a * x[idx] + self.inner.b,
+                                                 self.inner.log_scale.exp()))
+
+    est = log_marginal(Sub(model), Sub(exact), data, num_samples=12, chunk_size=4)
+    # exact posterior: every weight is log p(x_n) for the same three points -> ESS = K
+    assert torch.allclose(est.ess, torch.full_like(est.ess, 12.0), atol=1e-3)
+    assert torch.isclose(model.exact_log_marginal(data)[None, :], est.log_marginal[:, None],
+                         atol=1e-5).any(1).all()
+
+
+def test_guide_only_site_is_refused():
+    import pyro
+    import pyro.distributions as dist
+
+    model = NormalNormal()
+    exact = AffineNormalGuide.exact_for(model)
+
+    def guide(x):
+        with pyro.plate("data", x.shape[-1]):
+            pyro.sample("z", dist.Normal(exact.a * x + exact.b, exact.log_scale.exp()))
+            pyro.sample("u", dist.Normal(torch.zeros_like(x), 1.0))
+
+    with pytest.raises(ValueError, match="not in the model"):
+        log_marginal(model, guide, torch.randn(2), num_samples=3)
+
+
+def test_masked_sites_leave_padded_entries_out():
+    import pyro
+    import pyro.distributions as dist
+
+    x = torch.tensor([[0.3, -1.0, 5.0], [1.2, 0.0, -7.0]])  # last column is padding
+    mask = torch.tensor([[True, True, False], [True, True, False]])
+
+    def model(x):
+        with pyro.plate("data", x.shape[-2]):
+            z = pyro.sample("z", dist.Normal(0.0, 1.0))
+            pyro.sample("x", dist.Normal(z[..., None], 0.5).mask(mask).to_event(1), obs=x)
+
+    def guide(x):
+        with pyro.plate("data", x.shape[-2]):
+            pyro.sample("z", dist.Normal(x[..., :2].mean(-1) * 0.5, 0.7))
+
+    padded = log_marginal(model, guide, x, num_samples=3000, chunk_size=1000).log_marginal
+    x2 = x.clone()
+    x2[:, 2] = 123.0
+    pyro.set_rng_seed(0)
+    a = log_marginal(model, guide, x, num_samples=50).log_marginal
+    pyro.set_rng_seed(0)
+    b = log_marginal(model, guide, x2, num_samples=50).log_marginal
+    assert torch.equal(a, b)  # padded values do not matter
+    # the exact marginal of the two observed entries: N(0, 0.25 I + 11ᵀ)
+    cov = 0.25 * torch.eye(2) + torch.ones(2, 2)
+    exact = dist.MultivariateNormal(torch.zeros(2), cov).log_prob(x[:, :2])
+    assert torch.allclose(padded, exact, atol=0.03)

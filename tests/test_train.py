@@ -242,3 +242,49 @@ def test_jit_elbo_trains_module_parameters_and_refuses_annealing():
     with pytest.raises(ValueError, match="kl_anneal_steps"):
         train(NormalNormal(), AffineNormalGuide(), TensorData(x), elbo="JitTrace_ELBO",
               num_steps=2, kl_anneal_steps=5, progress=False)
+
+
+def test_inf_parameters_after_a_step_are_never_checkpointed(tmp_path):
+    x = conjugate_data(n=16)
+    with pytest.raises(TrainingDiverged, match="step 1: a parameter after the optimizer step"):
+        train(NormalNormal(), AffineNormalGuide(), TensorData(x), num_steps=3, batch_size=16,
+              optimizer="sgd", lr=1e38, checkpoint_every=1, run_dir=tmp_path, progress=False)
+    assert not (tmp_path / "checkpoint.pt").exists()
+
+
+def test_kl_annealing_inside_train_scales_the_first_step():
+    x = conjugate_data(n=16)
+    model, guide = NormalNormal(), AffineNormalGuide(a=0.3)
+    result = train(model, guide, TensorData(x), num_steps=1, batch_size=16, shuffle=False,
+                   kl_anneal_steps=4, kl_anneal_start=0.2, lr=1e-12, seed=5, progress=False)
+    beta = 0.2 + 0.8 * 1 / 4
+    assert result.history[0]["kl_scale"] == pytest.approx(beta)
+    pyro.set_rng_seed(5)
+    expected = pyro.infer.Trace_ELBO().differentiable_loss(
+        ScaleLatents(beta)(NormalNormal()), ScaleLatents(beta)(AffineNormalGuide(a=0.3)), x)
+    assert result.history[0]["loss"] == pytest.approx(expected.item() / 16, rel=1e-5)
+
+
+def test_stale_files_early_stop_persistence_and_nan_validation(tmp_path):
+    x = conjugate_data(n=40)
+    kw = dict(num_steps=200, batch_size=10, lr=1e-12, valid_every=2, early_stopping_patience=3,
+              run_dir=tmp_path, progress=False)
+    first = train(NormalNormal(), AffineNormalGuide(), TensorData(x), valid_data=TensorData(x),
+                  **kw)
+    assert first.stopped == "early_stopping" and first.step == 8
+    again = train(NormalNormal(), AffineNormalGuide(), TensorData(x), valid_data=TensorData(x),
+                  resume=True, **kw)
+    assert again.stopped == "early_stopping" and again.step == 8  # stays stopped
+    # a fresh run into the same folder does not inherit the old best.pt
+    train(NormalNormal(), AffineNormalGuide(), TensorData(x), num_steps=3, batch_size=10,
+          run_dir=tmp_path, progress=False)
+    assert not (tmp_path / "best.pt").exists()
+    assert load_checkpoint(tmp_path / "checkpoint.pt")["state"]["step"] == 3
+    bad = x.clone()
+    bad[0] = float("nan")
+    with pytest.raises(TrainingDiverged, match="validation loss"), \
+            pyro.validation_enabled(False):
+        train(NormalNormal(), AffineNormalGuide(), TensorData(x), valid_data=TensorData(bad),
+              num_steps=4, batch_size=10, valid_every=2, progress=False)
+    with pytest.raises(ValueError, match="valid_data"):
+        train(NormalNormal(), AffineNormalGuide(), TensorData(x), num_steps=2, valid_every=1)

@@ -1,9 +1,11 @@
 """Atomic checkpoints with everything needed to continue a run bit for bit.
 
-A checkpoint holds the model's and guide's ``state_dict``, Pyro's param store, the optimizer and
-scheduler states, every random-number generator (python, numpy, torch CPU and CUDA, the data
-loader's) and the loop counters. It is written to a temporary file in the same folder and then
-renamed over the old one (``os.replace``), so a crash while writing never leaves a torn file.
+A checkpoint holds the model's and guide's ``state_dict``, the ``pyro.param`` values outside
+those modules, the optimizer and scheduler states, the global random-number generators (python,
+numpy, torch CPU and CUDA) and the loop counters. The data order is a function of
+``(seed, epoch)`` and the step, so it needs no state of its own. It is written to a temporary
+file in the same folder and then renamed over the old one (``os.replace``), so a crash while
+writing never leaves a torn file.
 """
 
 from __future__ import annotations
@@ -15,7 +17,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pyro
 import torch
 
 
@@ -61,12 +62,3 @@ def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> dict[
     if not path.exists():
         raise FileNotFoundError(f"checkpoint not found: {path}")
     return torch.load(path, map_location=map_location, weights_only=False)
-
-
-def param_store_state() -> dict[str, Any]:
-    return pyro.get_param_store().get_state()
-
-
-def set_param_store_state(state: dict[str, Any]) -> None:
-    store = pyro.get_param_store()
-    store.set_state(state)

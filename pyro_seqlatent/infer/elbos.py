@@ -13,7 +13,6 @@ ELBOS = (
     "TraceGraph_ELBO",
     "RenyiELBO",
     "TraceEnum_ELBO",
-    "TraceTailAdaptive_ELBO",
     "JitTrace_ELBO",
     "JitTraceMeanField_ELBO",
     "JitTraceGraph_ELBO",

@@ -64,8 +64,10 @@ def _in_plate(site: dict, name: str) -> bool:
     return any(frame.name == name for frame in site["cond_indep_stack"])
 
 
-def _probe(model, guide, args, kwargs, batch_plate: str) -> tuple[int, int]:
-    """Run guide and model once to find the plate nesting and the batch plate's dim."""
+def _probe(model, guide, args, kwargs, batch_plate: str) -> tuple[int, int, poutine.Trace]:
+    """Run guide and model once to find the plate nesting, the batch plate's dim and the
+    subsample indices (replayed into every chunk, so a randomly subsampled plate scores the
+    same data points throughout)."""
     with poutine.block():
         guide_trace = poutine.trace(guide).get_trace(*args, **kwargs)
         model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(
@@ -78,7 +80,11 @@ def _probe(model, guide, args, kwargs, batch_plate: str) -> tuple[int, int]:
             f"{sorted(dims)}); pass batch_plate=<the name of the plate over data points>"
         )
     nesting = max(-d for d in dims.values())
-    return nesting, dims[batch_plate]
+    subsamples = guide_trace.copy()
+    for name, site in list(subsamples.nodes.items()):
+        if not (site["type"] == "sample" and site_is_subsample(site)):
+            subsamples.remove_node(name)
+    return nesting, dims[batch_plate], subsamples
 
 
 @torch.no_grad()
@@ -109,13 +115,14 @@ def log_marginal(
     if chunk < 1:
         raise ValueError(f"chunk_size must be positive, got {chunk_size!r}")
     args, kwargs = batch_args(batch)
-    nesting, batch_dim = _probe(model, guide, args, kwargs, batch_plate)
+    nesting, batch_dim, subsamples = _probe(model, guide, args, kwargs, batch_plate)
     chunks = []
     done = 0
     while done < num_samples:
         k = min(chunk, num_samples - done)
-        chunks.append(_log_weights(model, guide, args, kwargs, k, nesting, batch_dim,
-                                   batch_plate))
+        chunks.append(_log_weights(poutine.replay(model, trace=subsamples),
+                                   poutine.replay(guide, trace=subsamples), args, kwargs, k,
+                                   nesting, batch_dim, batch_plate))
         done += k
     log_w = torch.cat(chunks, dim=0)  # (K, B)
     log_px = torch.logsumexp(log_w, dim=0) - math.log(num_samples)
@@ -158,6 +165,12 @@ def _log_weights(model, guide, args, kwargs, k: int, nesting: int, batch_dim: in
     for name, site in guide_trace.nodes.items():
         if not _is_sample(site) or site["is_observed"] or name in point_estimates:
             continue
+        if name not in model_trace.nodes and not site["infer"].get("is_auxiliary"):
+            raise ValueError(
+                f"guide site {name!r} is not in the model: p(x, z) / q(z, {name}) is not an "
+                "importance weight for p(x); remove it or mark it infer={'is_auxiliary': True} "
+                "with the model sampling its transform (as Pyro's AutoContinuous does)"
+            )
         term = _per_datum(site, name, nesting, batch_dim, batch_plate, "guide")
         log_w = -term if log_w is None else log_w - term
     if log_w is None:
@@ -206,7 +219,7 @@ def evaluate(
     devices = [torch.device(device)] if torch.device(device).type == "cuda" else []
     lls, elbos = [], []
     with torch.random.fork_rng(devices=devices):
-        pyro.set_rng_seed(seed)
+        torch.manual_seed(seed)  # Pyro draws from torch's RNG only; python/numpy untouched
         iterator = loader
         if progress:
             from tqdm.auto import tqdm

@@ -27,6 +27,11 @@ the ELBO module is wrapped in ``DistributedDataParallel`` (see
 the same tensor that the NaN guard reads (still one host sync per step), and only rank 0 writes
 checkpoints, metrics, the progress bar and calls the callbacks. Checkpoints store the global
 step, so a run resumes with another number of processes.
+
+Exact resumption holds for datasets whose items are deterministic, or with ``num_workers=0``: the
+workers' seeds are a function of ``(seed, epoch)``, but a worker's random stream restarts when a
+run resumes mid-epoch. A time budget (``max_time_s``) counts the training time of all sessions of
+a run, so resume a budget-stopped run with a larger budget; an early-stopped run stays stopped.
 """
 
 from __future__ import annotations
@@ -319,7 +324,7 @@ def mean_loss(
     total, count = 0.0, 0
     devices = [torch.device(device)] if torch.device(device).type == "cuda" else []
     with torch.random.fork_rng(devices=devices):
-        pyro.set_rng_seed(seed)
+        torch.manual_seed(seed)  # Pyro draws from torch's RNG only; python/numpy untouched
         for i, batch in enumerate(loader):
             if max_batches is not None and i >= max_batches:
                 break
@@ -434,7 +439,7 @@ def train(
         collate_fn=collate_fn,
         num_workers=cfg.num_workers,
         drop_last=cfg.drop_last,
-        generator=torch.Generator().manual_seed(cfg.seed),
+        generator=torch.Generator().manual_seed(cfg.seed),  # re-seeded every epoch below
     )
     steps_per_epoch = len(loader)
     if steps_per_epoch == 0:
@@ -443,6 +448,8 @@ def train(
             f"{len(train_data)} training examples ({world_size} process(es))"
         )
     total_steps = cfg.num_steps if cfg.num_steps is not None else cfg.num_epochs * steps_per_epoch
+    if valid_data is None and (cfg.valid_every or cfg.early_stopping_patience):
+        raise ValueError("valid_every / early_stopping_patience need valid_data=...")
     valid_loader = None
     if valid_data is not None:
         valid_loader = DataLoader(
@@ -452,7 +459,8 @@ def train(
     # Materialise lazily created parameters (autoguides, pyro.param) on a first batch, with
     # the global RNG untouched, then build the optimizer over every parameter.
     first = to_device(next(iter(DataLoader(train_data, batch_size=min(2, len(train_data)),
-                                           collate_fn=collate_fn))), device)
+                                           collate_fn=collate_fn,
+                                           generator=torch.Generator()))), device)
     with torch.random.fork_rng(devices=[]), poutine.block():
         args, kwargs = batch_args(first)
         guide_trace = poutine.trace(guide).get_trace(*args, **kwargs)
@@ -476,6 +484,7 @@ def train(
         "bad_validations": 0,
         "elapsed": 0.0,
         "last_loss": float("nan"),
+        "stopped": "completed",
     }
     history: list[dict] = []
     ckpt_path = run_path / CHECKPOINT if run_path else None
@@ -495,6 +504,9 @@ def train(
                 history = _read_metrics(run_path / METRICS, state["step"])
     if rank > 0:  # the processes' noise streams differ (rank 0 keeps the single-process stream)
         pyro.set_rng_seed(ddp_tools.derived_seed(cfg.seed, rank, state["step"]) % 2**32)
+    if write_path is not None and not resume:  # a fresh run must not inherit an old run's files
+        for stale in (BEST, CHECKPOINT):
+            (write_path / stale).unlink(missing_ok=True)
     if write_path is not None:
         with open(write_path / TRAIN_CONFIG, "w") as handle:
             json.dump({**cfg.to_json(), "world_size": world_size}, handle, indent=2,
@@ -541,7 +553,14 @@ def train(
         prefix = f"_seqlatent_train{next(_REGISTRATIONS)}"
         model_fn = registering(model, f"{prefix}_model")
         guide_fn = registering(guide, f"{prefix}_guide")
-    stopped = "completed"
+    stopped = state["stopped"]  # an early-stopped run stays stopped when resumed
+
+    def check_parameters(step: int) -> None:
+        """Before anything is saved: a finite step can still produce inf parameters."""
+        if not bool(torch.stack([torch.isfinite(p).all() for p in params]).all()):
+            raise TrainingDiverged(step, "a parameter after the optimizer step",
+                                   ckpt_path if last_ckpt_step else None, last_ckpt_step)
+
     start_time = time.perf_counter() - state["elapsed"]
     bar = None
     if cfg.progress and main:
@@ -554,6 +573,7 @@ def train(
             epoch, offset = divmod(state["step"], steps_per_epoch)
             sampler.set_epoch(epoch)
             sampler.skip = offset * local_batch
+            loader.generator.manual_seed(cfg.seed + epoch)  # worker seeds: a function of epoch
             example_indices = _batched_indices(sampler, local_batch) if cfg.example_noise else None
             for i_batch, batch in enumerate(loader):
                 step = state["step"] + 1
@@ -627,18 +647,23 @@ def train(
                     valid = mean_loss(model, guide, valid_loader, elbo, device,
                                       cfg.valid_max_batches, seed=cfg.seed)
                     record["valid_loss"] = valid
+                    if not math.isfinite(valid):
+                        raise TrainingDiverged(step, "the validation loss",
+                                               ckpt_path if last_ckpt_step else None,
+                                               last_ckpt_step)
                     best = state["best_valid"]
                     if best is None or valid < best - cfg.early_stopping_min_delta:
                         state["best_valid"] = valid
                         state["bad_validations"] = 0
                         if write_path is not None:
+                            check_parameters(step)
                             state["elapsed"] = time.perf_counter() - start_time
                             save(write_path / BEST)
                     else:
                         state["bad_validations"] += 1
                         if (cfg.early_stopping_patience is not None
                                 and state["bad_validations"] >= cfg.early_stopping_patience):
-                            stopped = "early_stopping"
+                            stopped = state["stopped"] = "early_stopping"
                 if step % max(1, cfg.log_every) == 0 or "valid_loss" in record:
                     history.append(record)
                     if metrics_file is not None:
@@ -656,6 +681,7 @@ def train(
                 if write_path is not None and (
                     is_last or (cfg.checkpoint_every and step % cfg.checkpoint_every == 0)
                 ):
+                    check_parameters(step)
                     state["elapsed"] = time.perf_counter() - start_time
                     save(ckpt_path)
                     last_ckpt_step = step

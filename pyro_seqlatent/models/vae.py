@@ -81,7 +81,8 @@ class VAE(nn.Module):
     :param likelihood: ``"bernoulli"`` (binary data) or ``"gaussian"``.
     :param obs_scale: Gaussian observation std; ``None`` learns one per pixel.
     :param weight_prior_scale: if set, MAP mode with ``N(0, s²)`` priors on decoder parameters.
-    :param num_data: dataset size, scales the likelihood by ``N/B`` in MAP mode.
+    :param num_data: dataset size; when set, the data plate scales the likelihood (and the KL)
+        by ``N/B`` so that the weight prior counts once per dataset, as MAP needs.
     """
 
     def __init__(self, data_dim: int = 784, latent_dim: int = 40,
@@ -148,7 +149,8 @@ class VAE(nn.Module):
 
     @torch.no_grad()
     def generate(self, num_samples: int) -> torch.Tensor:
-        """Draws ``x ~ p(x)`` (Bernoulli means for binary data)."""
+        r"""Means of :math:`p(x \mid z)` for ``z ~ p(z)`` (Bernoulli probabilities for binary
+        data): the usual way to show VAE samples."""
         device = next(self.parameters()).device
         z = torch.randn(num_samples, self.latent_dim, device=device)
         fn = self.observation(z).base_dist
@@ -189,12 +191,11 @@ class VAEGuide(nn.Module):
         if map_decoder:
             if model is None or model.weight_prior_scale is None:
                 raise ValueError("map_decoder=True needs the model built with weight_prior_scale")
-            self.map_values = nn.ParameterList()
-            for (name, _), linear in zip(model.weight_sites(),
-                                         [p for m in model.decoder.linears
-                                          for p in (m.weight, m.bias)]):
-                self.map_names.append(name)
-                self.map_values.append(nn.Parameter(linear.detach().clone()))
+            # The point estimates ARE the model decoder's parameters (shared tensors), so the
+            # trained weights are where model.generate / sample / plots look for them.
+            self.map_values = nn.ParameterList(
+                [p for m in model.decoder.linears for p in (m.weight, m.bias)])
+            self.map_names = [name for name, _ in model.weight_sites()]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         for name, value in zip(self.map_names, getattr(self, "map_values", [])):
@@ -209,9 +210,10 @@ class VAEGuide(nn.Module):
 def build(options: dict) -> tuple[VAE, VAEGuide]:
     hidden = tuple(int(h) for h in str(options["hidden_dims"]).split(",") if h)
     map_mode = options["weight_prior_scale"] > 0
+    num_train = min(options["train_limit"] or 50000, 50000)
     model = VAE(784, options["latent_dim"], hidden, "bernoulli",
                 weight_prior_scale=options["weight_prior_scale"] if map_mode else None,
-                num_data=50000 if map_mode else None)
+                num_data=num_train if map_mode else None)
     guide = VAEGuide(784, options["latent_dim"], hidden, options["guide"], options["num_flows"],
                      model=model, map_decoder=map_mode)
     return model, guide
