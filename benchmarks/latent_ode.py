@@ -87,13 +87,13 @@ def step_cost(model, guide, dataset, batch_size) -> dict:
 
 
 def run_cell(name, cell, args, out_dir: Path) -> dict:
-    spec = get_model(name)
+    spec = get_model("latent_ode" if name == "latent_ode_poisson" else name)
     options = {"dataset": cell["dataset"], "task": cell["task"], "fraction": cell["fraction"],
                "n_series": args.n_series, "recipe": args.recipe,
                "quantization": args.quantization, "n_records": args.n_records}
     label = name
     if name == "latent_ode_poisson":
-        spec, label = get_model("latent_ode"), "latent_ode+poisson"
+        label = "latent_ode+poisson"
         options.update(poisson=True)
     options = {k: v for k, v in options.items() if k in spec.defaults}
     run_dir = out_dir / f"{cell['dataset']}-{cell['task']}-{cell['fraction']}-{label}"
