@@ -101,6 +101,7 @@ def run_row(row: str, args, data_cache: dict) -> dict:
         "command": f"python benchmarks/vrnn.py --rows {row} --minutes {args.minutes} "
                    f"--num-samples {args.num_samples}"
                    + (f" --lr {args.lr}" if args.lr != 1e-3 else "")
+                   + (f" --valid-every {args.valid_every}" if args.valid_every != 100 else "")
                    + (f" --options '{args.options}'" if args.options != "{}" else ""),
     }
     plot_curve(out, args.out / f"curve_{row}.png")
