@@ -36,6 +36,10 @@ SYSTEMS = {
                        batch_size=30, pretrain_steps=50, num_draws=20, train_steps=50,
                        eval_every=10, lr=1e-2,
                        estimators="reparam,analytic_kl,score,stl,iwae,dreg"),
+    "vrnn": dict(model="vrnn", option=["dataset=jsb", "z_dim=8", "h_dim=32", "feature_dim=32",
+                                       "hidden_dim=32"],
+                 batch_size=20, pretrain_steps=60, num_draws=30, train_steps=60, eval_every=20,
+                 lr=3e-3, estimators="reparam,analytic_kl,score,stl,iwae,dreg"),
 }
 QUICK = dict(pretrain_steps=100, num_draws=30, train_steps=100, eval_every=25)
 
