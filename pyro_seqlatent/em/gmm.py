@@ -27,7 +27,6 @@ with :math:`\lambda` = ``reg_covar`` (diagonal: the diagonal of that; spherical:
 from __future__ import annotations
 
 import math
-import time
 from dataclasses import dataclass, fields
 from typing import Any
 
@@ -35,6 +34,7 @@ import numpy as np
 import torch
 
 from pyro_seqlatent.em._data import ChunkSource, as_tensor, resolve_device, resolve_dtype
+from pyro_seqlatent.em._loop import run_em
 from pyro_seqlatent.em.kmeans import kmeans, kmeans_plusplus, squared_distances
 
 COVARIANCE_TYPES = ("full", "diag", "spherical")
@@ -132,26 +132,8 @@ class GaussianMixture:
         """
         source = self._source(X)
         self._initialize(source)
-        history: list[float] = []
-        times: list[float] = []
-        start = time.perf_counter()
-        self.converged_ = False
-        iterator = range(1, self.max_iter + 1)
-        if self.progress:
-            from tqdm.auto import tqdm
-
-            iterator = tqdm(iterator, desc="GMM EM", leave=False)
-        for it in iterator:
-            stats = self.accumulate_statistics(source)
-            history.append(float(stats.log_likelihood / stats.count))
-            times.append(time.perf_counter() - start)
-            self.m_step(stats)
-            self.n_iter_ = it
-            if len(history) > 1 and abs(history[-1] - history[-2]) < self.tol:
-                self.converged_ = True
-                break
-        self.log_likelihood_history_ = history
-        self.fit_times_ = times
+        history = run_em(self, lambda: self.accumulate_statistics(source),
+                         lambda stats: stats.count, "GMM EM")
         self.lower_bound_ = history[-1]
         return self
 

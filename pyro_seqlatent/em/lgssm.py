@@ -30,7 +30,6 @@ update, which makes the likelihood that of the observed frames only.
 from __future__ import annotations
 
 import math
-import time
 from dataclasses import dataclass, fields
 from typing import Any
 
@@ -38,6 +37,7 @@ import numpy as np
 import torch
 
 from pyro_seqlatent.em._data import as_tensor, resolve_device, resolve_dtype
+from pyro_seqlatent.em._loop import run_em
 
 
 def symmetrize(P: torch.Tensor) -> torch.Tensor:
@@ -120,26 +120,8 @@ class LinearGaussianSSM:
         y, mask = self._prepare(y, mask, fitting=True)
         if not self._has_params():
             self._initialize(y, mask)
-        history: list[float] = []
-        times: list[float] = []
-        start = time.perf_counter()
-        self.converged_ = False
-        iterator = range(1, self.max_iter + 1)
-        if self.progress:
-            from tqdm.auto import tqdm
-
-            iterator = tqdm(iterator, desc="LG-SSM EM", leave=False)
-        for it in iterator:
-            stats = self.sufficient_statistics(y, mask)
-            history.append(float(stats.log_likelihood / stats.n_seq))
-            times.append(time.perf_counter() - start)
-            self.m_step(stats)
-            self.n_iter_ = it
-            if len(history) > 1 and abs(history[-1] - history[-2]) < self.tol:
-                self.converged_ = True
-                break
-        self.log_likelihood_history_ = history
-        self.fit_times_ = times
+        run_em(self, lambda: self.sufficient_statistics(y, mask),
+               lambda stats: stats.n_seq, "LG-SSM EM")
         return self
 
     def set_params(self, **params: Any) -> LinearGaussianSSM:

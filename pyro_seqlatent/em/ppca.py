@@ -28,13 +28,13 @@ smallest eigenvalues of the (ddof = 0) sample covariance.
 from __future__ import annotations
 
 import math
-import time
 from dataclasses import dataclass, fields
 from typing import Any
 
 import torch
 
 from pyro_seqlatent.em._data import ChunkSource, as_tensor, resolve_device, resolve_dtype
+from pyro_seqlatent.em._loop import run_em
 
 
 @dataclass
@@ -91,26 +91,8 @@ class PPCA:
         iteration (of the parameters entering it) in ``log_likelihood_history_``."""
         source = self._source(X)
         self._initialize(source)
-        history: list[float] = []
-        times: list[float] = []
-        start = time.perf_counter()
-        self.converged_ = False
-        iterator = range(1, self.max_iter + 1)
-        if self.progress:
-            from tqdm.auto import tqdm
-
-            iterator = tqdm(iterator, desc="PPCA EM", leave=False)
-        for it in iterator:
-            stats = self.accumulate_statistics(source)
-            history.append(float(stats.log_likelihood / stats.rows))
-            times.append(time.perf_counter() - start)
-            self.m_step(stats)
-            self.n_iter_ = it
-            if len(history) > 1 and abs(history[-1] - history[-2]) < self.tol:
-                self.converged_ = True
-                break
-        self.log_likelihood_history_ = history
-        self.fit_times_ = times
+        run_em(self, lambda: self.accumulate_statistics(source),
+               lambda stats: stats.rows, "PPCA EM")
         return self
 
     def fit_closed_form(self, X: Any) -> PPCA:
