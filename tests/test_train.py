@@ -288,3 +288,17 @@ def test_stale_files_early_stop_persistence_and_nan_validation(tmp_path):
               num_steps=4, batch_size=10, valid_every=2, progress=False)
     with pytest.raises(ValueError, match="valid_data"):
         train(NormalNormal(), AffineNormalGuide(), TensorData(x), num_steps=2, valid_every=1)
+
+
+@pytest.mark.filterwarnings("ignore")
+@pytest.mark.parametrize("elbo", ["RenyiELBO", "JitTrace_ELBO"])
+def test_param_site_elbos_with_networks_shared_by_model_and_guide(elbo):
+    """A VRNN's model and guide share networks; registering them must not break."""
+    model = NormalNormal()
+    guide = AffineNormalGuide()
+    model.shared = guide  # the guide's parameters are also the model's
+    x = conjugate_data(n=32)
+    result = train(model, guide, TensorData(x), elbo=elbo, num_steps=40, batch_size=32,
+                   lr=0.05, progress=False)
+    assert result.step == 40 and guide.a.item() > 0.3
+    assert not [k for k in pyro.get_param_store().keys() if k.startswith("_seqlatent")]

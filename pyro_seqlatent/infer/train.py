@@ -299,11 +299,15 @@ def needs_param_sites(elbo) -> bool:
     return type(elbo).__name__.startswith("Jit") or not has_differentiable_loss(elbo)
 
 
-def registering(fn: nn.Module, name: str) -> Callable:
-    """``fn`` preceded by ``pyro.module(name, fn)`` so its parameters are ``param`` sites."""
+def registering(fn: Callable, name: str, module: nn.Module) -> Callable:
+    """``fn`` preceded by ``pyro.module(name, module)`` so the parameters are ``param`` sites.
+
+    Model and guide are registered together, once, as one module: networks they share (a VRNN's
+    guide and model share theirs) then appear under a single name.
+    """
 
     def wrapped(*args, **kwargs):
-        pyro.module(name, fn)
+        pyro.module(name, module)
         return fn(*args, **kwargs)
 
     return wrapped
@@ -551,8 +555,7 @@ def train(
     prefix = None
     if needs_param_sites(elbo):
         prefix = f"_seqlatent_train{next(_REGISTRATIONS)}"
-        model_fn = registering(model, f"{prefix}_model")
-        guide_fn = registering(guide, f"{prefix}_guide")
+        guide_fn = registering(guide, prefix, nn.ModuleDict({"model": model, "guide": guide}))
     stopped = state["stopped"]  # an early-stopped run stays stopped when resumed
 
     def check_parameters(step: int) -> None:
