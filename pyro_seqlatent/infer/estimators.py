@@ -4,16 +4,16 @@ gradient variance and signal-to-noise ratio at fixed parameters, and training cu
 Estimators (:data:`ESTIMATORS`; every one is a ``pyro.infer.ELBO`` usable by
 :func:`~pyro_seqlatent.infer.train`), none of which edits the model or the guide:
 
-=====================  ====================================================================
-``reparam``            pathwise, Monte-Carlo KL (``Trace_ELBO``; SGVB estimator A, eq. 6)
-``analytic_kl``        pathwise, analytic KL where registered (``TraceMeanField_ELBO``; B, eq. 7)
-``score``              score function at every guide site (BBVI, Ranganath et al. 2014, eq. 3)
-``score_avg_baseline`` score function, decaying-average baseline (``TraceGraph_ELBO``)
-``score_nn_baseline``  score function, neural baseline of the guide's input (``TraceGraph_ELBO``)
-``stl``                sticking the landing (Roeder et al. 2017)
-``iwae``               IWAE bound, K particles (``RenyiELBO(alpha=0)``; Burda et al. 2015)
-``dreg``               IWAE bound, doubly-reparameterized gradient (Tucker et al. 2018)
-=====================  ====================================================================
+======================  ===================================================================
+``reparam``             pathwise, Monte-Carlo KL (``Trace_ELBO``; SGVB estimator A, eq. 6)
+``analytic_kl``         pathwise, analytic KL where registered (``TraceMeanField_ELBO``; B, eq. 7)
+``score``               score function at every guide site (BBVI, Ranganath et al. 2014, eq. 3)
+``score_avg_baseline``  score function, decaying-average baseline (``TraceGraph_ELBO``)
+``score_nn_baseline``   score function, neural baseline of the guide's input (``TraceGraph_ELBO``)
+``stl``                 sticking the landing (Roeder et al. 2017)
+``iwae``                IWAE bound, K particles (``RenyiELBO(alpha=0)``; Burda et al. 2015)
+``dreg``                IWAE bound, doubly-reparameterized gradient (Tucker et al. 2018)
+======================  ===================================================================
 
 Quick use::
 
