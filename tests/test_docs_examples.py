@@ -12,8 +12,9 @@ PAGES = sorted((Path(__file__).resolve().parent.parent / "docs" / "flows").glob(
 def test_flow_page_example_runs(page, capsys):
     blocks = re.findall(r"```python\n(.*?)```", page.read_text(), flags=re.S)
     assert blocks, f"{page.name} has no example"
-    for code in blocks:
-        exec(compile(code, str(page), "exec"), {})
+    namespace: dict = {}
+    for code in [blocks[-1], *blocks[:-1]]:  # the "Example" block (last) holds the imports
+        exec(compile(code, str(page), "exec"), namespace)
     assert capsys.readouterr().out  # the examples print what they compute
 
 
