@@ -302,3 +302,29 @@ def test_param_site_elbos_with_networks_shared_by_model_and_guide(elbo):
                    lr=0.05, progress=False)
     assert result.step == 40 and guide.a.item() > 0.3
     assert not [k for k in pyro.get_param_store().keys() if k.startswith("_seqlatent")]
+
+
+class ParamGuide(nn.Module):
+    """A guide written with pyro.param, as many users write them."""
+
+    def forward(self, x):
+        a = pyro.param("a", torch.tensor(0.0))
+        scale = pyro.param("scale", torch.tensor(1.0), constraint=dist.constraints.positive)
+        with pyro.plate("data", x.shape[-1]):
+            pyro.sample("z", dist.Normal(a * x, scale))
+
+
+def test_pyro_param_guides_train_checkpoint_and_ignore_stale_store_entries(tmp_path):
+    x = conjugate_data(n=64)
+    pyro.param("left_over_from_another_model", torch.randn(3))  # must not be trained/saved
+    train(NormalNormal(), ParamGuide(), TensorData(x), num_steps=300, batch_size=64, lr=0.05,
+          run_dir=tmp_path, progress=False)
+    assert abs(pyro.param("a").item() - 0.8) < 0.1
+    assert pyro.param("scale").item() == pytest.approx((0.25 / 1.25) ** 0.5, abs=0.1)
+    saved = load_checkpoint(tmp_path / "checkpoint.pt")["param_store"]
+    assert set(saved) == {"a", "scale"}  # not the left-over entry
+    # resuming in a clean process (empty store) restores them and continues
+    pyro.clear_param_store()
+    result = train(NormalNormal(), ParamGuide(), TensorData(x), num_steps=310, batch_size=64,
+                   lr=0.05, run_dir=tmp_path, resume=True, progress=False)
+    assert result.step == 310 and abs(pyro.param("a").item() - 0.8) < 0.1

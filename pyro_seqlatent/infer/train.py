@@ -219,8 +219,11 @@ class ResumableSampler(DistributedSampler):
         return super().__len__() - self.skip
 
 
-def collect_parameters(*modules: nn.Module) -> list[nn.Parameter]:
-    """Unique trainable parameters of ``modules`` plus those in Pyro's param store."""
+def collect_parameters(*modules: nn.Module, param_names: set[str] | None = None
+                       ) -> list[nn.Parameter]:
+    """Unique trainable parameters of ``modules`` plus Pyro's param-store entries (only those
+    named in ``param_names`` when given: the ``param`` sites a run's model and guide touch, so
+    entries left by other models in the same process are not trained or checkpointed)."""
     seen: set[int] = set()
     params: list[torch.Tensor] = []
     for module in modules:
@@ -228,20 +231,24 @@ def collect_parameters(*modules: nn.Module) -> list[nn.Parameter]:
             if p.requires_grad and id(p) not in seen:
                 seen.add(id(p))
                 params.append(p)
-    for _, p in pyro.get_param_store().named_parameters():
+    for name, p in pyro.get_param_store().named_parameters():
+        if param_names is not None and name not in param_names:
+            continue
         if p.requires_grad and id(p) not in seen:
             seen.add(id(p))
             params.append(p)
     return params
 
 
-def _extra_store_params(modules: Sequence[nn.Module]) -> dict[str, torch.Tensor]:
-    """Param-store entries that are not parameters of ``modules`` (``pyro.param`` in user code)."""
+def _extra_store_params(modules: Sequence[nn.Module], param_names: set[str] | None = None
+                        ) -> dict[str, torch.Tensor]:
+    """Param-store entries that are not parameters of ``modules`` (``pyro.param`` in user code),
+    restricted to ``param_names`` when given."""
     module_ids = {id(p) for m in modules for p in m.parameters()}
     return {
         name: p
         for name, p in pyro.get_param_store().named_parameters()
-        if id(p) not in module_ids
+        if id(p) not in module_ids and (param_names is None or name in param_names)
     }
 
 
@@ -468,8 +475,11 @@ def train(
     with torch.random.fork_rng(devices=[]), poutine.block():
         args, kwargs = batch_args(first)
         guide_trace = poutine.trace(guide).get_trace(*args, **kwargs)
-        poutine.replay(model, trace=guide_trace)(*args, **kwargs)
-    params = collect_parameters(model, guide)
+        model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(
+            *args, **kwargs)
+    run_params = {name for trace in (guide_trace, model_trace)
+                  for name, site in trace.nodes.items() if site["type"] == "param"}
+    params = collect_parameters(model, guide, param_names=run_params)
     if not params:
         raise ValueError(
             "model and guide have no trainable parameters: build them as nn.Module/PyroModule"
@@ -523,7 +533,7 @@ def train(
     ddp_module = None
     manual_sync: list[torch.Tensor] = []
     if world_size > 1:
-        extras = list(_extra_store_params([model, guide]).values())
+        extras = list(_extra_store_params([model, guide], run_params).values())
         ddp_tools.broadcast_([p.data for p in extras])
         if differentiable:
             ddp_module = ddp_tools.wrap_ddp(ddp_tools.ELBOModule(model, guide, elbo), device)
@@ -538,7 +548,8 @@ def train(
                 "model": model.state_dict(),
                 "guide": guide.state_dict(),
                 "param_store": {
-                    k: v.detach().clone() for k, v in _extra_store_params([model, guide]).items()
+                    k: v.detach().clone()
+                    for k, v in _extra_store_params([model, guide], run_params).items()
                 },
                 "param_store_state": pyro.get_param_store().get_state(),
                 "optimizer": optimizer.state_dict(),
