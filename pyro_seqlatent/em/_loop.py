@@ -37,3 +37,14 @@ def run_em(estimator: Any, e_step: Callable[[], Any], per_unit: Callable[[Any], 
     estimator.log_likelihood_history_ = history
     estimator.fit_times_ = times
     return history
+
+
+def sum_statistics(chunks, statistics: Callable[[Any], Any]) -> Any:
+    """``statistics(chunk)`` summed over ``chunks`` (the streaming E-step of every model)."""
+    total = None
+    for chunk in chunks:
+        stats = statistics(chunk)
+        total = stats if total is None else total + stats
+    if total is None:
+        raise ValueError("X yielded no data")
+    return total

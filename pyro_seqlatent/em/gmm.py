@@ -34,7 +34,7 @@ import numpy as np
 import torch
 
 from pyro_seqlatent.em._data import ChunkSource, as_tensor, resolve_device, resolve_dtype
-from pyro_seqlatent.em._loop import run_em
+from pyro_seqlatent.em._loop import run_em, sum_statistics
 from pyro_seqlatent.em.kmeans import kmeans, kmeans_plusplus, squared_distances
 
 COVARIANCE_TYPES = ("full", "diag", "spherical")
@@ -143,13 +143,7 @@ class GaussianMixture:
     def accumulate_statistics(self, X: Any) -> GMMStatistics:
         """The E-step over all chunks of ``X``: the sum of :meth:`sufficient_statistics`."""
         source = X if isinstance(X, ChunkSource) else self._source(X)
-        total = None
-        for chunk in source:
-            stats = self.sufficient_statistics(chunk)
-            total = stats if total is None else total + stats
-        if total is None:
-            raise ValueError("X yielded no data")
-        return total
+        return sum_statistics(source, self.sufficient_statistics)
 
     def sufficient_statistics(self, X_chunk: torch.Tensor) -> GMMStatistics:
         """E-step on one chunk (N, D) under the current parameters: see the module docstring.

@@ -34,7 +34,7 @@ from typing import Any
 import torch
 
 from pyro_seqlatent.em._data import ChunkSource, as_tensor, resolve_device, resolve_dtype
-from pyro_seqlatent.em._loop import run_em
+from pyro_seqlatent.em._loop import run_em, sum_statistics
 
 
 @dataclass
@@ -112,13 +112,7 @@ class PPCA:
     def accumulate_statistics(self, X: Any) -> PPCAStatistics:
         """The E-step over all chunks of ``X``: the sum of :meth:`sufficient_statistics`."""
         source = X if isinstance(X, ChunkSource) else self._source(X)
-        stats = None
-        for chunk in source:
-            s = self.sufficient_statistics(chunk)
-            stats = s if stats is None else stats + s
-        if stats is None:
-            raise ValueError("X yielded no data")
-        return stats
+        return sum_statistics(source, self.sufficient_statistics)
 
     def sufficient_statistics(self, X_chunk: torch.Tensor) -> PPCAStatistics:
         """E-step on one chunk (N, D) (NaN = missing) under the current parameters."""
