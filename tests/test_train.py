@@ -328,3 +328,23 @@ def test_pyro_param_guides_train_checkpoint_and_ignore_stale_store_entries(tmp_p
     result = train(NormalNormal(), ParamGuide(), TensorData(x), num_steps=310, batch_size=64,
                    lr=0.05, run_dir=tmp_path, resume=True, progress=False)
     assert result.step == 310 and abs(pyro.param("a").item() - 0.8) < 0.1
+
+
+def test_time_budget_in_wall_or_process_seconds(monkeypatch):
+    import itertools
+    import time
+
+    x = TensorDataset(conjugate_data(n=20))
+    ticks = itertools.count()  # a fake CPU clock: every reading is one second later
+    monkeypatch.setattr(time, "process_time", lambda: float(next(ticks)))
+    result = train(NormalNormal(), AffineNormalGuide(), x, num_steps=1000, batch_size=5,
+                   max_time_s=10.0, time_budget="process", progress=False)
+    assert result.stopped == "time_budget"
+    assert 1 <= result.step < 12
+    assert result.wall_time_s >= 10.0  # reported on the budget's clock
+    # the wall-clock budget ignores the process clock: 1000 s is never reached in 30 steps
+    result = train(NormalNormal(), AffineNormalGuide(), x, num_steps=30, batch_size=5,
+                   max_time_s=1000.0, progress=False)
+    assert result.stopped == "completed" and result.step == 30
+    with pytest.raises(ValueError, match="time_budget"):
+        train(NormalNormal(), AffineNormalGuide(), x, num_steps=1, time_budget="cpu")
