@@ -45,6 +45,7 @@ _NONE_TYPES = {
     "checkpoint_every": int,
     "max_time_s": float,
     "lr_schedule": str,
+    "pyro_validation": bool,
 }
 _SKIP_TRAIN_FIELDS = {"elbo_kwargs", "betas", "progress", "device", "seed", "elbo"}
 

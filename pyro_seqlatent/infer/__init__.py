@@ -1,6 +1,6 @@
 """Inference: the one training loop, the one evaluation path, and loading finished runs."""
 
-from pyro_seqlatent.infer.elbos import ELBOS, make_elbo
+from pyro_seqlatent.infer.elbos import ELBOS, DeviceTrace_ELBO, make_elbo
 from pyro_seqlatent.infer.evaluate import MarginalEstimate, evaluate, log_marginal
 from pyro_seqlatent.infer.run import Run, load_run
 from pyro_seqlatent.infer.train import (
@@ -14,6 +14,7 @@ from pyro_seqlatent.infer.train import (
 
 __all__ = [
     "ELBOS",
+    "DeviceTrace_ELBO",
     "MarginalEstimate",
     "Run",
     "ScaleLatents",

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import numbers
 from typing import Any
 
 import pyro.infer
+import torch
+from pyro.distributions.util import is_identically_zero
+from pyro.infer.trace_elbo import _compute_log_r
 
 #: Names accepted by :func:`make_elbo` (and by ``--elbo`` on the command line).
 ELBOS = (
@@ -17,6 +21,7 @@ ELBOS = (
     "JitTraceMeanField_ELBO",
     "JitTraceGraph_ELBO",
     "JitTraceEnum_ELBO",
+    "DeviceTrace_ELBO",
 )
 
 
@@ -32,9 +37,69 @@ def make_elbo(elbo: str | pyro.infer.ELBO = "Trace_ELBO", **kwargs: Any) -> pyro
         return elbo
     if not isinstance(elbo, str) or elbo not in ELBOS:
         raise ValueError(f"elbo={elbo!r} is not one of {list(ELBOS)} nor a pyro.infer.ELBO")
+    if elbo == "DeviceTrace_ELBO":
+        return DeviceTrace_ELBO(**kwargs)
     return getattr(pyro.infer, elbo)(**kwargs)
 
 
 def has_differentiable_loss(elbo: pyro.infer.ELBO) -> bool:
     """Whether ``elbo`` gives a differentiable surrogate loss (TraceGraph/Renyi do not)."""
     return callable(getattr(elbo, "differentiable_loss", None))
+
+
+def _detach(value):
+    return value.detach() if isinstance(value, torch.Tensor) else value
+
+
+class DeviceTrace_ELBO(pyro.infer.Trace_ELBO):
+    r"""Pyro's :class:`~pyro.infer.Trace_ELBO`, with its estimator and gradients, summed on the
+    tensors' device.
+
+    ``Trace_ELBO.differentiable_loss`` reads every sample site's log-density sum back to the host
+    (``torch_item``) to build the reported loss, and once more at the end: on a GPU each read
+    waits for the device (a VRNN with T = 100 steps makes about 200 of them per SVI step). This
+    subclass keeps that sum as a detached tensor:
+
+    .. math::
+
+        \text{loss} = -\Big[\sum_{\text{model sites}} \log p
+        - \sum_{\text{guide sites}} \log q\Big]_{\text{detached}}
+        + (\text{surrogate} - \text{surrogate}_{\text{detached}}),
+
+    whose value is the ELBO estimate and whose gradient is the surrogate's (reparameterized sites
+    through the entropy term, the others through Pyro's score-function term with the same
+    ``log_r`` Rao-Blackwellization as ``Trace_ELBO``). It makes no NaN check of its own (Pyro's
+    ``warn_if_nan`` is a host read too): :func:`~pyro_seqlatent.infer.train` checks the loss once
+    per step. ``loss`` and ``loss_and_grads`` are Pyro's.
+    """
+
+    def _differentiable_loss_particle(self, model_trace, guide_trace):
+        elbo, surrogate, log_r = 0.0, 0.0, None
+        for site in model_trace.nodes.values():
+            if site["type"] == "sample":
+                elbo = elbo + _detach(site["log_prob_sum"])
+                surrogate = surrogate + site["log_prob_sum"]
+        for site in guide_trace.nodes.values():
+            if site["type"] != "sample":
+                continue
+            elbo = elbo - _detach(site["log_prob_sum"])
+            _, score_function, entropy = site["score_parts"]
+            if not is_identically_zero(entropy):
+                surrogate = surrogate - entropy.sum()
+            if not is_identically_zero(score_function):
+                if log_r is None:
+                    log_r = _compute_log_r(model_trace, guide_trace)
+                surrogate = surrogate + (log_r.sum_to(site["cond_indep_stack"])
+                                         * score_function).sum()
+        return -elbo, -surrogate
+
+    def differentiable_loss(self, model, guide, *args, **kwargs):
+        loss, surrogate = 0.0, 0.0
+        for model_trace, guide_trace in self._get_traces(model, guide, args, kwargs):
+            particle_loss, particle_surrogate = self._differentiable_loss_particle(
+                model_trace, guide_trace)
+            loss = loss + particle_loss / self.num_particles
+            surrogate = surrogate + particle_surrogate / self.num_particles
+        if isinstance(surrogate, numbers.Number):  # no sample site at all
+            return torch.as_tensor(float(loss))
+        return loss + (surrogate - surrogate.detach())

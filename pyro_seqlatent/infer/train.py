@@ -121,7 +121,11 @@ class TrainConfig:
     shuffle: bool = True
     drop_last: bool = False
     max_time_s: float | None = None
+    #: "wall" seconds or "process" CPU seconds for ``max_time_s`` and the metrics' ``time_s``
     time_budget: str = "wall"
+    #: force Pyro's validation on/off in the training steps (None: Pyro's global setting). Off
+    #: skips its per-site checks, each a host sync on a GPU; the NaN guard still stops a run.
+    pyro_validation: bool | None = None
     progress: bool = True
     example_noise: bool = False
 
@@ -606,8 +610,11 @@ def train(
                 optimizer.zero_grad(set_to_none=True)
                 noise = (ddp_tools.ExampleNoise(example_indices[i_batch], seed=cfg.seed, step=step)
                          if example_indices is not None else contextlib.nullcontext())
+                checks = (pyro.validation_enabled(cfg.pyro_validation)
+                          if cfg.pyro_validation is not None
+                          else contextlib.nullcontext())
                 try:
-                    with noise:
+                    with noise, checks:
                         if ddp_module is not None:
                             args, kwargs = batch_args(batch)
                             loss = ddp_module(_annealed(model_fn, beta), _annealed(guide_fn, beta),
