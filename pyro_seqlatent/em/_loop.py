@@ -6,6 +6,8 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+import torch
+
 
 def run_em(estimator: Any, e_step: Callable[[], Any], per_unit: Callable[[Any], float],
            desc: str) -> list[float]:
@@ -48,3 +50,12 @@ def sum_statistics(chunks, statistics: Callable[[Any], Any]) -> Any:
     if total is None:
         raise ValueError("X yielded no data")
     return total
+
+
+def seeded_generator(device: torch.device | str, seed: int | None) -> torch.Generator:
+    """A generator on ``device`` seeded by ``seed``, or by a seed drawn from torch's global CPU
+    generator when ``seed`` is None (the draw stays on the CPU whatever the default device)."""
+    gen = torch.Generator(device=device)
+    gen.manual_seed(int(seed) if seed is not None
+                    else int(torch.randint(2**31, (1,), device="cpu")))
+    return gen

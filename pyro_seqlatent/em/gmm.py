@@ -34,7 +34,7 @@ import numpy as np
 import torch
 
 from pyro_seqlatent.em._data import ChunkSource, as_tensor, resolve_device, resolve_dtype
-from pyro_seqlatent.em._loop import run_em, sum_statistics
+from pyro_seqlatent.em._loop import run_em, seeded_generator, sum_statistics
 from pyro_seqlatent.em.kmeans import kmeans, kmeans_plusplus, squared_distances
 
 COVARIANCE_TYPES = ("full", "diag", "spherical")
@@ -325,10 +325,7 @@ class GaussianMixture:
                              f"model was fitted on, got {tuple(X.shape)}")
 
     def _generator(self, device: torch.device) -> torch.Generator:
-        gen = torch.Generator(device=device)
-        seed = self.random_state
-        gen.manual_seed(int(seed) if seed is not None else int(torch.randint(2**31, (1,))))
-        return gen
+        return seeded_generator(device, self.random_state)
 
     def _initialize(self, source: ChunkSource) -> None:
         if not source.streamed:

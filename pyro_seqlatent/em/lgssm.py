@@ -37,7 +37,7 @@ import numpy as np
 import torch
 
 from pyro_seqlatent.em._data import as_tensor, resolve_device, resolve_dtype
-from pyro_seqlatent.em._loop import run_em
+from pyro_seqlatent.em._loop import run_em, seeded_generator
 
 
 def symmetrize(P: torch.Tensor) -> torch.Tensor:
@@ -341,9 +341,7 @@ class LinearGaussianSSM:
         if K > D:
             raise ValueError(f"n_states={K} must be <= the number of features ({D})")
         dt, dev = frames.dtype, frames.device
-        gen = torch.Generator(device=dev)
-        seed = self.random_state
-        gen.manual_seed(int(seed) if seed is not None else int(torch.randint(2**31, (1,))))
+        gen = seeded_generator(dev, self.random_state)
         d = frames.mean(0)
         _, svals, vh = torch.linalg.svd(frames - d, full_matrices=False)
         sd = svals[:K] / math.sqrt(frames.shape[0])

@@ -34,7 +34,7 @@ from typing import Any
 import torch
 
 from pyro_seqlatent.em._data import ChunkSource, as_tensor, resolve_device, resolve_dtype
-from pyro_seqlatent.em._loop import run_em, sum_statistics
+from pyro_seqlatent.em._loop import run_em, seeded_generator, sum_statistics
 
 
 @dataclass
@@ -228,9 +228,7 @@ class PPCA:
         q = self._check_q(D)
         if N < 2:
             raise ValueError(f"PPCA needs at least 2 rows, got {N}")
-        gen = torch.Generator(device=head.device)
-        seed = self.random_state
-        gen.manual_seed(int(seed) if seed is not None else int(torch.randint(2**31, (1,))))
+        gen = seeded_generator(head.device, self.random_state)
         obs = ~torch.isnan(head)
         if bool((~obs).all(0).any()):
             bad = torch.nonzero((~obs).all(0)).flatten().tolist()

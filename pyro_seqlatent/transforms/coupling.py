@@ -104,24 +104,43 @@ def image_mask(shape: Sequence[int], mask="checkerboard", flip: bool = False) ->
     return b
 
 
+def mask_indices(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(idx_a, idx_b, inv_perm)`` of a bool mask: the identity part's indices, the transformed
+    part's, and the permutation that puts ``cat([x_A, x_B])`` back in the original order."""
+    mask = torch.as_tensor(mask, dtype=torch.bool)
+    idx_a = torch.nonzero(mask).flatten()
+    idx_b = torch.nonzero(~mask).flatten()
+    return idx_a, idx_b, torch.argsort(torch.cat([idx_a, idx_b]))
+
+
 class ConditionedCoupling(Flow):
     r"""Vector coupling with a given network ``param_fn(x_A) -> (t,)`` (additive) or
     ``(t, s_raw)`` (affine), each of size ``|B|``; see the module docstring for the equations."""
 
     def __init__(
-        self, mask: torch.Tensor, param_fn: Callable, affine: bool = True, cache_size: int = 1
+        self, mask: torch.Tensor, param_fn: Callable, affine: bool = True, cache_size: int = 1,
+        indices: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
     ):
         super().__init__(cache_size=cache_size)
-        self._set_mask(mask)
+        self._set_mask(mask, indices)
         self.param_fn = param_fn
         self.affine = bool(affine)
 
-    def _set_mask(self, mask: torch.Tensor) -> None:
+    def _set_mask(self, mask: torch.Tensor, indices=None) -> None:
+        """Keep the mask and its index form (``idx_a``, ``idx_b``, ``inv_perm``). ``indices``
+        precomputed by :func:`mask_indices` skip ``nonzero`` (a host sync on a GPU); modules
+        hold them as buffers so that they move with ``.to(device)``."""
         mask = torch.as_tensor(mask, dtype=torch.bool)
-        self.mask = mask
-        self.idx_a = torch.nonzero(mask).flatten()
-        self.idx_b = torch.nonzero(~mask).flatten()
-        self.inv_perm = torch.argsort(torch.cat([self.idx_a, self.idx_b]))
+        names = ("idx_a", "idx_b", "inv_perm")
+        values = mask_indices(mask) if indices is None else indices
+        if isinstance(self, torch.nn.Module):
+            self.register_buffer("mask", mask, persistent=False)
+            for name, value in zip(names, values):
+                self.register_buffer(name, value, persistent=False)
+        else:
+            self.mask = mask
+            for name, value in zip(names, values):
+                setattr(self, name, value)
 
     def _split(self, x):
         dev = x.device
@@ -202,7 +221,10 @@ class _ConditionalVectorCoupling(ConditionalTransformModule):
     def __init__(self, input_dim, context_dim, hidden_dims=None, mask="alternating", flip=False,
                  split=None, activation="relu"):
         super().__init__()
-        self.mask = vector_mask(input_dim, mask, flip, split)
+        mask = vector_mask(input_dim, mask, flip, split)
+        self.register_buffer("mask", mask, persistent=False)
+        for name, value in zip(("idx_a", "idx_b", "inv_perm"), mask_indices(mask)):
+            self.register_buffer(name, value, persistent=False)
         self.input_dim = input_dim
         self.context_dim = check_input_dim(context_dim, "context_dim", minimum=1)
         hidden_dims = default_hidden_dims(input_dim) if hidden_dims is None else hidden_dims
@@ -218,7 +240,8 @@ class _ConditionalVectorCoupling(ConditionalTransformModule):
         def param_fn(x_a):
             return self.net(cat_context(x_a, context)).chunk(chunks, dim=-1)
 
-        return ConditionedCoupling(self.mask, param_fn, affine=self.affine_coupling)
+        return ConditionedCoupling(self.mask, param_fn, affine=self.affine_coupling,
+                                   indices=(self.idx_a, self.idx_b, self.inv_perm))
 
 
 class ConditionalAdditiveCoupling(_ConditionalVectorCoupling):
