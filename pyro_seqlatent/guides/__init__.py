@@ -2,5 +2,6 @@
 
 from pyro_seqlatent.guides.flow import FlowGuide
 from pyro_seqlatent.guides.site import MeanFieldGuide, SiteGuide
+from pyro_seqlatent.guides.steps import StepGroup, StepNormal
 
-__all__ = ["FlowGuide", "MeanFieldGuide", "SiteGuide"]
+__all__ = ["FlowGuide", "MeanFieldGuide", "SiteGuide", "StepGroup", "StepNormal"]

@@ -48,7 +48,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from pyro_seqlatent.data.sequences import check_padded_batch
-from pyro_seqlatent.guides import FlowGuide, MeanFieldGuide, SiteGuide
+from pyro_seqlatent.guides import FlowGuide, MeanFieldGuide, SiteGuide, StepGroup
 from pyro_seqlatent.nn import MLP
 
 EMISSIONS = ("bernoulli", "gaussian", "gmm")
@@ -326,7 +326,9 @@ class VRNNModel(nn.Module):
         cached = core.take_guide_states(x)
         reusing = cached is not None
         if reusing:  # prior of every step in one call, from the guide's h_{t-1}
-            prior_loc, prior_scale = (p.unbind(-2) for p in core.prior_params(cached.h_prev))
+            loc_all, scale_all = core.prior_params(cached.h_prev)
+            prior_loc, prior_scale = loc_all.unbind(-2), scale_all.unbind(-2)
+            steps = StepGroup(loc_all, scale_all, values=cached.z)  # log p(z_t | h) in one call
         else:
             phi_x = core.phi_x(x_clean).unbind(-2)
             state = core.rnn.initial_state(x.shape[:1], x)
@@ -334,10 +336,10 @@ class VRNNModel(nn.Module):
         step_mask = _step_masks(mask)
         for t in pyro.markov(range(T)):
             if reusing:
-                loc, scale = prior_loc[t], prior_scale[t]
+                prior = steps.member(prior_loc[t], prior_scale[t], index=t)
             else:
-                loc, scale = core.prior_params(core.rnn.hidden(state))
-            z = pyro.sample(f"z_{t}", _masked(dist.Normal(loc, scale).to_event(1), step_mask[t]))
+                prior = dist.Normal(*core.prior_params(core.rnn.hidden(state))).to_event(1)
+            z = pyro.sample(f"z_{t}", _masked(prior, step_mask[t]))
             if reusing:
                 if z is cached.z[t]:
                     continue
@@ -411,10 +413,14 @@ class VRNNGuide(nn.Module):
         state = core.rnn.initial_state(x.shape[:1], x)
         zs, states, h_prev, phi_z = [], [], [], []
         step_mask = _step_masks(mask)
+        # a mean-field q(z_t | ...) of every step is scored in one call (see guides.steps)
+        steps = StepGroup() if type(self.site_guide) is MeanFieldGuide else None
         with pyro.plate("data", x.shape[0], dim=-1):
             for t in pyro.markov(range(x.shape[1])):
                 h = core.rnn.hidden(state)
-                q = self.site_guide(cat_broadcast(phi_x[t], h))
+                context = cat_broadcast(phi_x[t], h)
+                q = (steps.member(*self.site_guide.loc_scale(context)) if steps is not None
+                     else self.site_guide(context))
                 z = pyro.sample(f"z_{t}", _masked(q, step_mask[t]))
                 pz = core.phi_z(z)
                 zs.append(z)
@@ -422,6 +428,8 @@ class VRNNGuide(nn.Module):
                 h_prev.append(h)
                 phi_z.append(pz)
                 state = core.step(phi_x[t], pz, state)
+        if steps is not None:
+            steps.set_values(zs)
         core.stash(_GuideStates(x, zs, states, state, _stack(h_prev), _stack(phi_z)))
 
 
