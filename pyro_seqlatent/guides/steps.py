@@ -92,14 +92,14 @@ class StepNormal(dist.Independent):
     def log_prob(self, value: torch.Tensor) -> torch.Tensor:
         if self._group is not None:
             shared = self._group.log_prob_of(self._index, value)
-            if shared is not None and shared.shape == torch.broadcast_shapes(
-                    value.shape[:-1], self.batch_shape):
+            if (shared is not None and shared.shape == self.batch_shape
+                    and value.shape[:-1] == self.batch_shape):
                 return shared
         return super().log_prob(value)
 
     def expand(self, batch_shape, _instance=None) -> StepNormal:
         batch_shape = torch.Size(batch_shape)
+        if batch_shape == self.batch_shape:  # Pyro's plates ask for this at every site
+            return self
         base = self.base_dist.expand(batch_shape + self.event_shape)
-        same = batch_shape == self.batch_shape
-        return StepNormal(base.loc, base.scale, self._group if same else None,
-                          self._index if same else None)
+        return StepNormal(base.loc, base.scale)  # another shape: outside the group
