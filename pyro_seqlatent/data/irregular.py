@@ -178,43 +178,110 @@ class IrregularDataset(Dataset):
         return int(self.items[0]["values"].shape[-1])
 
 
-def interpolation_masks(mask: torch.Tensor, fraction: float, generator: torch.Generator):
+ROUNDING = ("round", "floor")
+
+
+def observed_count(fraction: float, n: int, rounding: str = "round") -> int:
+    """How many of ``n`` candidate time points a task observes: ``round(fraction * n)``
+    (``"round"``, ours) or ``int(fraction * n)`` (``"floor"``, the reference's
+    ``lib/utils.py::subsample_timepoints``, e.g. 10 of 100 and 6 of 66 at 10 %); at least 1."""
+    if not 0 < fraction <= 1:
+        raise ValueError(f"fraction must lie in (0, 1], got {fraction!r}")
+    if rounding not in ROUNDING:
+        raise ValueError(f"rounding={rounding!r}: use one of {ROUNDING}")
+    k = round(fraction * n) if rounding == "round" else int(fraction * n)
+    return min(n, max(1, k))
+
+
+def _subsample_rows(mask: torch.Tensor, candidates: torch.Tensor, fraction: float,
+                    generator: torch.Generator | None, rounding: str) -> torch.Tensor:
+    """``mask`` restricted to a random ``fraction`` of the rows flagged in ``candidates``
+    ``(N,)`` that have data. One permutation is drawn from ``generator`` per call (as before
+    this helper existed, so seeded masks are unchanged); none without a generator when the
+    count covers every row."""
+    rows = torch.nonzero(candidates & mask.any(-1)).squeeze(-1)
+    obs = torch.zeros_like(mask)
+    if rows.numel() == 0:
+        return obs
+    k = observed_count(fraction, rows.numel(), rounding)
+    if generator is None and k == rows.numel():
+        keep = rows
+    else:
+        keep = rows[torch.randperm(rows.numel(), generator=generator)[:k]]
+    obs[keep] = mask[keep]
+    return obs
+
+
+def interpolation_masks(mask: torch.Tensor, fraction: float, generator: torch.Generator,
+                        rounding: str = "round"):
     """Observe a random ``fraction`` of the time points that have data (at least one), score all.
 
     ``mask`` is ``(N, D)``; returns ``(obs_mask, target_mask)``: the observed subset's rows and
-    the full ``mask`` (the reference protocol reconstructs every point).
+    the full ``mask`` (the reference protocol reconstructs every point). The count follows
+    :func:`observed_count` (``rounding``).
     """
     if not 0 < fraction <= 1:
         raise ValueError(f"fraction must lie in (0, 1], got {fraction!r}")
-    rows = torch.nonzero(mask.any(-1)).squeeze(-1)
-    k = max(1, round(fraction * rows.numel()))
-    keep = rows[torch.randperm(rows.numel(), generator=generator)[:k]]
-    obs = torch.zeros_like(mask)
-    obs[keep] = mask[keep]
-    return obs, mask.clone()
+    candidates = torch.ones(mask.shape[0], dtype=torch.bool, device=mask.device)
+    return _subsample_rows(mask, candidates, fraction, generator, rounding), mask.clone()
 
 
-def extrapolation_masks(times: torch.Tensor, mask: torch.Tensor, split: float):
-    """Observe ``t <= split``, score ``t > split``: ``(obs_mask, target_mask)``."""
-    before = (times <= split).unsqueeze(-1).to(mask.dtype)
-    return mask * before, mask * (1 - before)
+def extrapolation_masks(times: torch.Tensor, mask: torch.Tensor, split: float,
+                        fraction: float = 1.0, generator: torch.Generator | None = None,
+                        rounding: str = "round"):
+    """Observe a random ``fraction`` of the time points ``t <= split`` that have data (the
+    prefix), score every point ``t > split``: ``(obs_mask, target_mask)``.
+
+    As the reference (``lib/utils.py``: ``split_and_subsample_batch`` splits off the observed
+    prefix with ``split_data_extrap``, then ``subsample_observed_data`` keeps a fraction of its
+    time points), so an extrapolation cell labelled 10 % sees 10 % of the prefix;
+    ``fraction=1`` observes the whole prefix.
+    """
+    if not 0 < fraction <= 1:
+        raise ValueError(f"fraction must lie in (0, 1], got {fraction!r}")
+    before = times <= split
+    obs = _subsample_rows(mask, before, fraction, generator, rounding)
+    return obs, mask * (~before).unsqueeze(-1).to(mask.dtype)
 
 
 def apply_task(items: Sequence[dict], task: str, *, fraction: float = 0.5,
-               split: float | None = None, seed: int = 0) -> list[dict]:
+               split: float | None = None, seed: int = 0, rounding: str = "round") -> list[dict]:
     """Items with ``"obs_mask"`` (encoder input) and ``"mask"`` (scored) for a task:
     ``"interp"`` (observe ``fraction`` of the points, reconstruct all) or ``"extrap"`` (observe
-    ``t <= split``, predict the rest)."""
+    ``fraction`` of the points with ``t <= split``, predict every point after ``split``).
+    ``rounding`` sets the observed count (:func:`observed_count`)."""
     gen = torch.Generator().manual_seed(seed)
     out = []
     for item in items:
         if task == "interp":
-            obs, target = interpolation_masks(item["mask"], fraction, gen)
+            obs, target = interpolation_masks(item["mask"], fraction, gen, rounding)
         elif task == "extrap":
             if split is None:
                 raise ValueError("task='extrap' needs split=<time that ends the observed part>")
-            obs, target = extrapolation_masks(item["times"], item["mask"], split)
+            obs, target = extrapolation_masks(item["times"], item["mask"], split, fraction, gen,
+                                              rounding)
         else:
             raise ValueError(f"task={task!r}: use 'interp' or 'extrap'")
         out.append({**item, "mask": target, "obs_mask": obs})
     return out
+
+
+@torch.no_grad()
+def persistence_predict(values: torch.Tensor, obs_mask: torch.Tensor) -> torch.Tensor:
+    """The persistence ("last observation carried forward") baseline on a ``(B, N, D)`` batch.
+
+    Entry ``(b, i, d)`` is predicted by the value of feature ``d`` at the latest time
+    *strictly before* index ``i`` where ``obs_mask[b, :, d]`` is set (causal, like the
+    one-step-ahead baselines: an observed point is not its own prediction); before the first
+    observation of the feature, by its first observed value; 0 where the feature is never
+    observed in the sequence. No parameters, deterministic, vectorized.
+    """
+    b, n, d = values.shape
+    seen = obs_mask > 0
+    index = torch.arange(n, device=values.device).view(1, n, 1).expand(b, n, d)
+    last = torch.where(seen, index, torch.full_like(index, -1)).cummax(dim=1).values
+    last_before = torch.cat([torch.full_like(last[:, :1], -1), last[:, :-1]], dim=1)
+    first = torch.where(seen, index, torch.full_like(index, n)).amin(dim=1, keepdim=True)
+    source = torch.where(last_before >= 0, last_before, first.expand(b, n, d))
+    pred = values.gather(1, source.clamp(max=n - 1))
+    return torch.where(first < n, pred, torch.zeros_like(pred))
