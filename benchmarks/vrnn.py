@@ -1,7 +1,9 @@
 r"""VRNN and RNN baselines on real sequences: JSB Chorales (per step), FSDD speech (per sequence).
 
-Each row trains one system with :func:`pyro_seqlatent.infer.train` for ``--minutes`` of wall
-time (best validation checkpoint kept), then reports on the test split:
+Each row trains one system with :func:`pyro_seqlatent.infer.train` for ``--minutes`` of CPU
+time of its process (``time_budget="process"``: run rows side by side, one per core, with
+``OMP_NUM_THREADS=1``, and neither shortens the other's budget), keeps the best validation
+checkpoint, then reports on the test split:
 
 * JSB: the negative test ELBO per time step from one sample (as Pyro's DMM reports it: total
   negative ELBO over the test set / number of unpadded frames) and the importance-sampled NLL
@@ -12,7 +14,10 @@ time (best validation checkpoint kept), then reports on the test split:
 Outputs under ``--out`` (default ``benchmarks/results/vrnn``): ``results.json``, ``results.md``
 (one table, the command per row), ``curve_<row>.png`` learning curves, ``fig2_kl_delta.png``
 (seed 000's Figure 2) and ``fig3_samples_{jsb,fsdd}.png`` (Figure 3: generated piano rolls /
-waveforms of the rows run in that invocation). Rows of earlier invocations are kept in the table.
+waveforms of the rows run in that invocation). Rows of earlier invocations are kept in the table
+(merged by row name when a row finishes, so several invocations may run at once). Per-sequence
+test log-likelihoods are kept, and a second table compares pairs of rows on the same test
+sequences: the mean per-sequence difference with its paired standard error.
 
     python benchmarks/vrnn.py --rows jsb-rnn,jsb-vrnn --minutes 3 --num-samples 500
     python benchmarks/vrnn.py --rows all --minutes 60            # the full table
@@ -76,6 +81,7 @@ def run_row(row: str, args, data_cache: dict) -> dict:
     settings = {**spec.train_defaults, "lr": args.lr, "batch_size": args.batch_size}
     result = train(model, guide, data["train"], valid_data=data["valid"], collate_fn=pad_collate,
                    run_dir=run_dir, num_steps=10**8, max_time_s=60.0 * args.minutes,
+                   time_budget="process",
                    valid_every=args.valid_every, progress=False, seed=args.seed, **settings)
     if (run_dir / BEST).exists():
         restore_modules(run_dir / BEST, model, guide)
@@ -89,12 +95,13 @@ def run_row(row: str, args, data_cache: dict) -> dict:
     ll_total = float(est["log_marginal_per_point"].sum())
     out = {
         "row": row, "label": label, "system": name, "options": options,
-        "train_steps": result.step, "train_wall_s": result.wall_time_s,
+        "train_steps": result.step, "train_cpu_s": result.wall_time_s,
         "stopped": result.stopped, "best_valid_per_sequence": result.best_valid,
         "test_sequences": len(test), "test_steps": steps, "num_samples": args.num_samples,
         "neg_elbo_per_step": neg_elbo / steps, "nll_per_step": -ll_total / steps,
         "neg_elbo_per_sequence": neg_elbo / len(test), "ll_per_sequence": ll_total / len(test),
         "ll_per_sequence_sem": est["log_marginal_sem"], "eval_wall_s": eval_s,
+        "ll_sequences": [float(v) for v in est["log_marginal_per_point"]],
         "curve": [{k: r[k] for k in ("step", "time_s", "loss", "valid_loss") if k in r}
                   for r in result.history
                   if "valid_loss" in r or r["step"] % 25 == 0 or r is result.history[-1]],
@@ -188,18 +195,49 @@ def figure3(samples: dict, path: Path) -> None:
 
 def markdown(rows: list[dict], args) -> str:
     lines = ["| row | data | −ELBO/step (1 sample) | NLL/step (IS) | log-lik/sequence (IS) | "
-             "train steps / wall | command |", "|---|---|---|---|---|---|---|"]
+             "train steps / CPU s | command |", "|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(
             f"| {r['label']} | {r['options']['dataset']} | {r['neg_elbo_per_step']:.3f} | "
             f"{r['nll_per_step']:.3f} | {r['ll_per_sequence']:.1f} ± "
-            f"{r['ll_per_sequence_sem']:.1f} | {r['train_steps']} / {r['train_wall_s']:.0f} s "
+            f"{r['ll_per_sequence_sem']:.1f} | {r['train_steps']} / "
+            f"{r.get('train_cpu_s', r.get('train_wall_s')):.0f} s "
             f"| `{r['command']}` |")
     lines += ["", "K = importance samples of the row (in its command); per-step figures divide "
               "by the number of unpadded test frames; FSDD frames are normalised "
               "(global mean/std).",
-              "Anchors: " + "; ".join(ANCHORS.values())]
+              "Anchors: " + "; ".join(ANCHORS.values()),
+              "Rows measured before per-sequence figures were kept show their wall time in the "
+              "train column and have no paired comparison."]
+    pairs = paired_differences(rows)
+    if pairs:
+        lines += ["", "Paired comparisons on the same test sequences (log-likelihood per "
+                  "sequence, importance sampled; a difference more than ~2 standard errors from "
+                  "0 is an ordering the data support):", "",
+                  "| data | A | B | mean log p(A) − log p(B) | paired s.e. | sequences |",
+                  "|---|---|---|---|---|---|"]
+        lines += [f"| {d} | {a} | {b} | {m:+.2f} | {se:.2f} | {n} |" for d, a, b, m, se, n in pairs]
     return "\n".join(lines) + "\n"
+
+
+PAIRS = [("jsb-vrnn", "jsb-rnn"), ("jsb-vrnn-iaf", "jsb-vrnn"),
+         ("fsdd-vrnn-gmm", "fsdd-vrnn-gauss"), ("fsdd-vrnn-gauss", "fsdd-rnn-gmm"),
+         ("fsdd-rnn-gmm", "fsdd-rnn-gauss")]
+
+
+def paired_differences(rows: list[dict]) -> list[tuple]:
+    """For each pair of :data:`PAIRS` that both have per-sequence log-likelihoods: (dataset,
+    label A, label B, mean difference, its standard error, number of sequences)."""
+    by_row = {r["row"]: r for r in rows if "ll_sequences" in r}
+    out = []
+    for a, b in PAIRS:
+        if a in by_row and b in by_row:
+            d = (torch.tensor(by_row[a]["ll_sequences"], dtype=torch.float64)
+                 - torch.tensor(by_row[b]["ll_sequences"], dtype=torch.float64))
+            se = float(d.std() / len(d) ** 0.5) if len(d) > 1 else float("nan")
+            out.append((by_row[a]["options"]["dataset"], by_row[a]["label"], by_row[b]["label"],
+                        float(d.mean()), se, len(d)))
+    return out
 
 
 def main(argv=None):
@@ -226,13 +264,14 @@ def main(argv=None):
         sys.exit(f"unknown rows {sorted(unknown)}; known: {list(ROWS)}")
     args.out.mkdir(parents=True, exist_ok=True)
     results_path = args.out / "results.json"
-    # rows measured by earlier invocations stay in the table unless re-run now
-    kept = json.loads(results_path.read_text()) if results_path.exists() else []
-    results = [r for r in kept if r["row"] not in rows]
     samples, cache = {}, {}
+    results = json.loads(results_path.read_text()) if results_path.exists() else []
     for row in rows:
         out, model, guide, data = run_row(row, args, cache)
-        results.append(out)
+        # rows measured by other invocations stay in the table, re-read now: they may have
+        # finished while this row trained
+        kept = json.loads(results_path.read_text()) if results_path.exists() else []
+        results = [r for r in kept if r["row"] != row] + [out]
         results.sort(key=lambda r: list(ROWS).index(r["row"]))
         print(json.dumps({k: v for k, v in out.items() if k != "curve"}), flush=True)
         pyro.set_rng_seed(args.seed)
@@ -243,7 +282,9 @@ def main(argv=None):
         if row == "fsdd-vrnn-gmm" or (row.startswith("fsdd-vrnn") and not any(
                 r == "fsdd-vrnn-gmm" for r in rows)):
             figure2(model, guide, data, args.out / "fig2_kl_delta.png")
-        results_path.write_text(json.dumps(results, indent=1, default=str))
+        tmp = results_path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(results, indent=1, default=str))
+        tmp.replace(results_path)
         (args.out / "results.md").write_text(markdown(results, args))
     for dataset in ("jsb", "fsdd"):
         drawn = {k: v for k, v in samples.items() if k.endswith(f"({dataset})")}
