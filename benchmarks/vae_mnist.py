@@ -9,6 +9,7 @@ compares each guide's q(z|x) with NUTS draws from the true posterior for a 2-D l
     python benchmarks/vae_mnist.py --minutes 60 --num-samples 5000 --test-points 1000
     python benchmarks/vae_mnist.py --minutes 3 --num-samples 500 --test-points 500   # quick
     python benchmarks/vae_mnist.py --full-test meanfield iaf-K4   # whole test set, trained rows
+    python benchmarks/vae_mnist.py --figures   # samples/reconstructions, 2-D manifold
 
 The budget is CPU minutes of the training process (``time_budget="process"``) with one thread
 (``OMP_NUM_THREADS=1``), so two rows can run side by side, one per core, without one row's
@@ -98,6 +99,29 @@ def full_test(row: dict, args) -> dict:
             "full_test_points": ev["num_points"], "full_test_num_samples": args.num_samples,
             "full_test_command": f"pyro-seqlatent evaluate {row['run_dir']} --num-samples "
                                  f"{args.num_samples}"}
+
+
+def figures(rows: list[dict], out: Path) -> list[Path]:
+    """Test images, reconstructions and samples of the row with the lowest test -log p(x), and
+    the latent manifold of the 2-D mean-field decoder trained for the NUTS check."""
+    from pyro_seqlatent.models.vae import plot
+
+    paths = []
+    fig_dir = out / "vae_figures"
+    fig_dir.mkdir(exist_ok=True)
+    data = {"test": BinarizedMNIST("test")}
+    best = min((r for r in rows if Path(r["run_dir"]).is_dir()), key=lambda r: r["test_nll"],
+               default=None)
+    if best is not None:
+        run = load_run(best["run_dir"], which="best")
+        for path in plot(run.model, run.guide, data, {}, fig_dir):
+            paths.append(path.rename(fig_dir / f"{best['row']}_{path.name}"))
+    two_d = out / "vae_mnist_runs" / "nuts-meanfield"
+    if two_d.is_dir():
+        run = load_run(two_d, which="best")
+        paths += [p for p in plot(run.model, run.guide, data, {}, fig_dir)
+                  if p.name == "vae_manifold.png"]
+    return paths
 
 
 def merge_rows(table: Path, new: list[dict]) -> list[dict]:
@@ -262,6 +286,8 @@ def main(argv=None) -> None:
                         help="subset of rows, e.g. meanfield planar-K10")
     parser.add_argument("--full-test", nargs="*", default=None,
                         help="score these trained rows on the whole test set, then stop")
+    parser.add_argument("--figures", action="store_true",
+                        help="draw samples/reconstructions of the best row and the 2-D manifold")
     parser.add_argument("--nuts", action="store_true", help="add the NUTS posterior check")
     parser.add_argument("--nuts-guides", nargs="*", default=["meanfield", "iaf"])
     parser.add_argument("--nuts-minutes", type=float, default=3.0)
@@ -272,6 +298,10 @@ def main(argv=None) -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     table = out / "vae_mnist.json"
+    if args.figures:
+        for path in figures(json.loads(table.read_text()), out):
+            print(path)
+        return
     if args.full_test:
         rows = json.loads(table.read_text())
         for row in rows:
