@@ -118,7 +118,7 @@ def test_tasks_interp_and_extrap():
     item = ds["train"][0]
     assert item["obs_mask"].sum() == 20 and item["mask"].sum() == 100
     assert (item["obs_mask"] <= item["mask"]).all()
-    ds = periodic_datasets("extrap", n_series=20, seed=0)
+    ds = periodic_datasets("extrap", fraction=1.0, n_series=20, seed=0)
     item = ds["test"][0]
     t = item["times"]
     assert (item["obs_mask"][t > 2.5] == 0).all() and (item["obs_mask"][t <= 2.5] == 1).all()
@@ -126,6 +126,31 @@ def test_tasks_interp_and_extrap():
     assert isinstance(ds["train"], IrregularDataset) and len(ds["train"]) == 16
     with pytest.raises(ValueError, match="task"):
         apply_task([item], "forecast")
+
+
+@pytest.mark.parametrize("fraction", [0.1, 0.2, 0.3, 0.5])
+def test_extrap_observes_fraction_of_the_prefix(fraction):
+    """An extrapolation cell labelled 10 % observes 10 % of the prefix (the reference's
+    subsampling of the observed part), and still scores every point after the split."""
+    ds = periodic_datasets("extrap", fraction=fraction, n_series=20, seed=0)
+    for item in ds["test"]:
+        t = item["times"]
+        seen = item["obs_mask"][:, 0] > 0
+        n_prefix = int((t <= 2.5).sum())
+        assert int(seen.sum()) == max(1, round(fraction * n_prefix))
+        assert not seen[t > 2.5].any()
+        assert (item["mask"][t <= 2.5] == 0).all() and (item["mask"][t > 2.5] == 1).all()
+    a, b = ds["test"][0]["obs_mask"], ds["test"][1]["obs_mask"]
+    assert not torch.equal(a, b)  # a random subset per series
+
+
+def test_extrap_prefix_keeps_feature_masks():
+    item = _item([0.0, 0.5, 1.0, 1.5, 2.0, 3.0], d=3, seed=4)
+    (out,) = apply_task([item], "extrap", fraction=0.5, split=2.5, seed=0)
+    rows = out["obs_mask"].any(-1)
+    assert int(rows.sum()) == round(0.5 * int(item["mask"][:5].any(-1).sum()))
+    assert torch.equal(out["obs_mask"][rows], item["mask"][rows])  # observed rows keep their mask
+    assert torch.equal(out["mask"][5], item["mask"][5]) and (out["mask"][:5] == 0).all()
 
 
 def test_physionet_record_parsing_and_quantization():

@@ -296,12 +296,17 @@ DATA_DEFAULTS = {
     "quantization": 0.1,
     "n_records": 0,
     "seed": 0,
+    "protocol": "ours",  # hopper: "ours" or "reference" (pyro_seqlatent.data.hopper)
 }
 
 
 def system_datasets(options: dict, root=None) -> dict:
     """Train/valid/test datasets of the ``dataset`` option (shared by the three systems)."""
     name = options["dataset"]
+    protocol = options.get("protocol", "ours")
+    if protocol != "ours" and name != "hopper":
+        raise ValueError(f"protocol={protocol!r} is defined for dataset='hopper' only; "
+                         f"use protocol='ours' with dataset={name!r}")
     if name == "periodic":
         from pyro_seqlatent.data.periodic import periodic_datasets
 
@@ -316,7 +321,8 @@ def system_datasets(options: dict, root=None) -> dict:
     if name == "hopper":
         from pyro_seqlatent.data.hopper import hopper_datasets
 
-        return hopper_datasets(options["task"], options["fraction"], seed=options["seed"])
+        return hopper_datasets(options["task"], options["fraction"], seed=options["seed"],
+                               protocol=protocol)
     raise ValueError(f"dataset={name!r} is not one of {DATASETS}")
 
 
