@@ -102,10 +102,18 @@ def _train_parser(spec: ModelSpec) -> argparse.ArgumentParser:
     parser.add_argument("--nproc", type=int, default=1, metavar="N",
                         help="data-parallel processes on this machine, launched with torchrun; "
                         "--batch-size is the global batch (default: 1)")
+    defaults = {**_train_defaults(), **spec.train_defaults}
+    taken = set(parser._option_string_actions) | {_flag(k) for k in defaults}
+    clashes = sorted(k for k in spec.defaults if _flag(k) in taken)
+    if clashes:
+        raise ValueError(
+            f"model {spec.name!r} has option(s) {clashes} whose flags are the trainer's own "
+            f"({', '.join(_flag(k) for k in clashes)}); rename them in its ModelSpec.defaults "
+            "(e.g. 'seed' -> 'data_seed')"
+        )
     model_group = parser.add_argument_group(f"{spec.name} options")
     _add_options(model_group, spec.defaults, helps=spec.option_help)
     train_group = parser.add_argument_group("training options")
-    defaults = {**_train_defaults(), **spec.train_defaults}
     _add_options(train_group, {k: v for k, v in defaults.items() if k in _train_defaults()},
                  _NONE_TYPES)
     return parser

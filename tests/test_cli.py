@@ -21,6 +21,17 @@ def test_list_and_help(capsys):
     assert main(["train"]) == 2
 
 
+def test_every_registered_model_has_a_train_command_line():
+    from pyro_seqlatent.cli import _train_parser
+
+    for name in list_models():
+        _train_parser(get_model(name))  # an option named like a trainer flag would raise
+    clash = ModelSpec(name="clash", build=lambda o: None, datasets=lambda o, r: {},
+                      defaults={"seed": 0, "width": 3})
+    with pytest.raises(ValueError, match=r"\['seed'\].*data_seed"):
+        _train_parser(clash)
+
+
 def test_registry_rejects_unknown_names_and_options():
     with pytest.raises(KeyError, match="registered models"):
         get_model("no-such-model")

@@ -15,8 +15,8 @@ amplitude 1 and an initial point :math:`y_0 \sim \mathcal N(0, 1)`:
 plus noise :math:`0.01\,U[0, 1)`.
 
 Tasks (``pyro_seqlatent.data.irregular.apply_task``): interpolation observes 10/20/30/50 % of
-the points and reconstructs all of them; extrapolation observes :math:`[0, T/2]` and predicts
-:math:`(T/2, T]`.
+the points and reconstructs all of them; extrapolation observes the same fraction of the points
+in :math:`[0, T/2]` (all of them with ``fraction=1``) and predicts :math:`(T/2, T]`.
 """
 
 from __future__ import annotations

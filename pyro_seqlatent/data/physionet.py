@@ -161,7 +161,8 @@ def physionet_datasets(root=None, task: str = "interp", fraction: float = 1.0,
                        seed: int = 0) -> dict[str, IrregularDataset]:
     """Train/valid/test datasets. ``task="interp"`` with ``fraction=1`` is the paper's
     interpolation (encode every observation, reconstruct every observation); ``fraction < 1``
-    hides time points from the encoder; ``"extrap"`` observes the first 24 h."""
+    hides time points from the encoder; ``"extrap"`` observes ``fraction`` of the time points of
+    the first 24 h (all of them with ``fraction=1``) and predicts the rest."""
     items = physionet_items(root, quantization, n_records=n_records, seed=seed)
     return {name: IrregularDataset(apply_task(split, task, fraction=fraction, split=0.5,
                                               seed=seed + i))

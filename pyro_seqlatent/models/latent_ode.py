@@ -295,7 +295,7 @@ DATA_DEFAULTS = {
     "recipe": "paper",
     "quantization": 0.1,
     "n_records": 0,
-    "seed": 0,
+    "data_seed": 0,  # draws of the series, masks and splits (not the training seed)
     "protocol": "ours",  # hopper: "ours" or "reference" (pyro_seqlatent.data.hopper)
 }
 
@@ -311,17 +311,17 @@ def system_datasets(options: dict, root=None) -> dict:
         from pyro_seqlatent.data.periodic import periodic_datasets
 
         return periodic_datasets(options["task"], options["fraction"], options["n_series"],
-                                 recipe=options["recipe"], seed=options["seed"])
+                                 recipe=options["recipe"], seed=options["data_seed"])
     if name == "physionet":
         from pyro_seqlatent.data.physionet import physionet_datasets
 
         return physionet_datasets(root, options["task"], options["fraction"],
                                   options["quantization"], options["n_records"] or None,
-                                  seed=options["seed"])
+                                  seed=options["data_seed"])
     if name == "hopper":
         from pyro_seqlatent.data.hopper import hopper_datasets
 
-        return hopper_datasets(options["task"], options["fraction"], seed=options["seed"],
+        return hopper_datasets(options["task"], options["fraction"], seed=options["data_seed"],
                                protocol=protocol)
     raise ValueError(f"dataset={name!r} is not one of {DATASETS}")
 
