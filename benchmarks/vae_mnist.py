@@ -25,6 +25,7 @@ import math
 import time
 from pathlib import Path
 
+import _results  # benchmarks/_results.py (this script's folder is on sys.path)
 import pyro
 import torch
 
@@ -79,7 +80,7 @@ def run_row(guide: str, flows: int, args, out: Path) -> dict:
     return {
         "row": name, "guide": guide, "K": flows, "steps": result.step,
         "epochs": round(result.step / steps_per_epoch, 2),
-        "train_s": round(result.wall_time_s, 1), "wall_s": round(wall_s, 1),
+        "train_s": round(result.budget_time_s, 1), "wall_s": round(wall_s, 1),
         "best_epoch": best["epoch"] if best else None,
         "test_elbo": ev["elbo"], "test_elbo_sem": ev["elbo_sem"],
         "test_nll": -ev["log_marginal"], "test_nll_sem": ev["log_marginal_sem"],
@@ -125,15 +126,10 @@ def figures(rows: list[dict], out: Path) -> list[Path]:
 
 
 def merge_rows(table: Path, new: list[dict]) -> list[dict]:
-    """Rows already in ``table`` with the new ones replacing those of the same name, in order."""
-    rows = {r["row"]: r for r in (json.loads(table.read_text()) if table.exists() else [])}
-    rows.update({r["row"]: r for r in new})
+    """Rows already in ``table`` with the new ones replacing those of the same name, in order
+    (under a lock: rows run by several invocations at once)."""
     order = [g + (f"-K{k}" if k else "") for g, k in ROWS]
-    merged = sorted(rows.values(), key=lambda r: order.index(r["row"]))
-    tmp = table.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(merged, indent=2))
-    tmp.replace(table)
-    return merged
+    return _results.merge_rows(table, new, order=lambda r: order.index(r["row"]))
 
 
 def plot_curves(rows, out: Path) -> Path:

@@ -31,6 +31,7 @@ import sys
 import time
 from pathlib import Path
 
+import _results  # benchmarks/_results.py (this script's folder is on sys.path)
 import pyro
 import pyro.poutine as poutine
 import torch
@@ -95,7 +96,7 @@ def run_row(row: str, args, data_cache: dict) -> dict:
     ll_total = float(est["log_marginal_per_point"].sum())
     out = {
         "row": row, "label": label, "system": name, "options": options,
-        "train_steps": result.step, "train_cpu_s": result.wall_time_s,
+        "train_steps": result.step, "train_cpu_s": result.budget_time_s,
         "stopped": result.stopped, "best_valid_per_sequence": result.best_valid,
         "test_sequences": len(test), "test_steps": steps, "num_samples": args.num_samples,
         "neg_elbo_per_step": neg_elbo / steps, "nll_per_step": -ll_total / steps,
@@ -268,11 +269,10 @@ def main(argv=None):
     results = json.loads(results_path.read_text()) if results_path.exists() else []
     for row in rows:
         out, model, guide, data = run_row(row, args, cache)
-        # rows measured by other invocations stay in the table, re-read now: they may have
-        # finished while this row trained
-        kept = json.loads(results_path.read_text()) if results_path.exists() else []
-        results = [r for r in kept if r["row"] != row] + [out]
-        results.sort(key=lambda r: list(ROWS).index(r["row"]))
+        # rows measured by other invocations stay in the table (re-read under a lock: they may
+        # have finished while this row trained)
+        results = _results.merge_rows(results_path, [out],
+                                      order=lambda r: list(ROWS).index(r["row"]))
         print(json.dumps({k: v for k, v in out.items() if k != "curve"}), flush=True)
         pyro.set_rng_seed(args.seed)
         length = 100 if out["options"]["dataset"] == "jsb" else 40
@@ -282,9 +282,6 @@ def main(argv=None):
         if row == "fsdd-vrnn-gmm" or (row.startswith("fsdd-vrnn") and not any(
                 r == "fsdd-vrnn-gmm" for r in rows)):
             figure2(model, guide, data, args.out / "fig2_kl_delta.png")
-        tmp = results_path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(results, indent=1, default=str))
-        tmp.replace(results_path)
         (args.out / "results.md").write_text(markdown(results, args))
     for dataset in ("jsb", "fsdd"):
         drawn = {k: v for k, v in samples.items() if k.endswith(f"({dataset})")}

@@ -169,7 +169,10 @@ class TrainResult:
     best_valid: float | None
     stopped: str
     run_dir: Path | None
+    #: wall-clock seconds of training, all sessions of a resumed run included
     wall_time_s: float
+    #: the same on the clock of ``time_budget`` (equal to ``wall_time_s`` for "wall")
+    budget_time_s: float
 
 
 _OPTIMIZERS = {
@@ -417,6 +420,15 @@ def train(
         raise TypeError(f"train() got unknown option(s) {sorted(unknown)}; known: {sorted(known)}")
     cfg = TrainConfig(**config)
     cfg.validate()
+    checks = (pyro.validation_enabled(cfg.pyro_validation) if cfg.pyro_validation is not None
+              else contextlib.nullcontext())
+    with checks:  # training steps, validation and the first trace alike
+        return _train(model, guide, train_data, valid_data, collate_fn, run_dir, resume,
+                      callbacks, cfg)
+
+
+def _train(model, guide, train_data, valid_data, collate_fn, run_dir, resume, callbacks,
+           cfg: TrainConfig) -> TrainResult:
     for name, module in (("model", model), ("guide", guide)):
         if not isinstance(module, nn.Module):
             raise TypeError(
@@ -507,7 +519,9 @@ def train(
         "step": 0,
         "best_valid": None,
         "bad_validations": 0,
-        "elapsed": 0.0,
+        "elapsed": 0.0,  # on the budget's clock
+        "wall_elapsed": 0.0,
+        "time_budget": cfg.time_budget,
         "last_loss": float("nan"),
         "stopped": "completed",
     }
@@ -522,6 +536,11 @@ def train(
             ckpt = load_checkpoint(ckpt_path, map_location=device if world_size == 1 else "cpu")
         ckpt = ddp_tools.broadcast_object(ckpt)
         if ckpt is not None:
+            saved_clock = ckpt["state"].get("time_budget", "wall")
+            if saved_clock != cfg.time_budget:
+                raise ValueError(
+                    f"the run in {run_path} measured its time budget in {saved_clock!r} seconds; "
+                    f"resume it with time_budget={saved_clock!r} (got {cfg.time_budget!r})")
             _restore(ckpt, model, guide, optimizer, scheduler)
             state.update(ckpt["state"])
             last_ckpt_step = state["step"]
@@ -588,6 +607,7 @@ def train(
 
     clock = time.perf_counter if cfg.time_budget == "wall" else time.process_time
     start_time = clock() - state["elapsed"]
+    wall_start = time.perf_counter() - state.get("wall_elapsed", 0.0)
     bar = None
     if cfg.progress and main:
         from tqdm.auto import tqdm
@@ -610,11 +630,8 @@ def train(
                 optimizer.zero_grad(set_to_none=True)
                 noise = (ddp_tools.ExampleNoise(example_indices[i_batch], seed=cfg.seed, step=step)
                          if example_indices is not None else contextlib.nullcontext())
-                checks = (pyro.validation_enabled(cfg.pyro_validation)
-                          if cfg.pyro_validation is not None
-                          else contextlib.nullcontext())
                 try:
-                    with noise, checks:
+                    with noise:
                         if ddp_module is not None:
                             args, kwargs = batch_args(batch)
                             loss = ddp_module(_annealed(model_fn, beta), _annealed(guide_fn, beta),
@@ -687,6 +704,7 @@ def train(
                         if write_path is not None:
                             check_parameters(step)
                             state["elapsed"] = clock() - start_time
+                            state["wall_elapsed"] = time.perf_counter() - wall_start
                             save(write_path / BEST)
                     else:
                         state["bad_validations"] += 1
@@ -712,6 +730,7 @@ def train(
                 ):
                     check_parameters(step)
                     state["elapsed"] = clock() - start_time
+                    state["wall_elapsed"] = time.perf_counter() - wall_start
                     save(ckpt_path)
                     last_ckpt_step = step
                 if is_last:
@@ -732,7 +751,8 @@ def train(
         best_valid=state["best_valid"],
         stopped=stopped,
         run_dir=write_path if main else run_path,
-        wall_time_s=clock() - start_time,
+        wall_time_s=time.perf_counter() - wall_start,
+        budget_time_s=clock() - start_time,
     )
 
 

@@ -1,0 +1,39 @@
+"""Rows of a benchmark's JSON table, merged safely by several invocations running at once."""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+
+@contextlib.contextmanager
+def locked(path: Path) -> Iterator[None]:
+    """An exclusive lock on ``path`` + ``.lock`` for the duration of the block."""
+    with open(str(path) + ".lock", "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def merge_rows(path: Path, new: list[dict], *, key: Callable[[dict], object] = lambda r: r["row"],
+               order: Callable[[dict], object] | None = None) -> list[dict]:
+    """Re-read ``path`` under the lock, replace the rows whose ``key`` matches a new row, add
+    the rest, sort by ``order`` and write atomically (a per-process temporary file). Returns the
+    merged rows."""
+    path = Path(path)
+    with locked(path):
+        rows = json.loads(path.read_text()) if path.exists() else []
+        fresh = {key(r) for r in new}
+        merged = [r for r in rows if key(r) not in fresh] + list(new)
+        if order is not None:
+            merged.sort(key=order)
+        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(merged, indent=1, default=str))
+        tmp.replace(path)
+    return merged
