@@ -70,7 +70,10 @@ class DeviceTrace_ELBO(pyro.infer.Trace_ELBO):
     through the entropy term, the others through Pyro's score-function term with the same
     ``log_r`` Rao-Blackwellization as ``Trace_ELBO``). It makes no NaN check of its own (Pyro's
     ``warn_if_nan`` is a host read too): :func:`~pyro_seqlatent.infer.train` checks the loss once
-    per step. ``loss`` and ``loss_and_grads`` are Pyro's.
+    per step. ``loss`` is Pyro's (a float); the inherited ``loss_and_grads`` sums through this
+    class and returns a 0-dim tensor, which ``SVI.step`` reads as Pyro's float. The value is
+    summed in the tensors' dtype (float32 as a rule), not in Python floats: only the reported
+    value can differ from Pyro's in the last digits, never the gradients.
     """
 
     def _differentiable_loss_particle(self, model_trace, guide_trace):
