@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import time
 from pathlib import Path
 
@@ -31,6 +30,7 @@ import torch
 
 from pyro_seqlatent.cli import train_system
 from pyro_seqlatent.data.mnist import BinarizedMNIST
+from pyro_seqlatent.data.subsets import fixed_subset
 from pyro_seqlatent.infer import evaluate, load_run
 from pyro_seqlatent.infer.run import read_metrics
 
@@ -55,36 +55,46 @@ def run_row(guide: str, flows: int, args, out: Path) -> dict:
     options = {"guide": guide, "num_flows": max(flows, 1), "latent_dim": args.latent_dim,
                "hidden_dims": args.hidden_dims, "valid_limit": 1000}
     t0 = time.perf_counter()
-    result, model, guide_mod, data = train_system(
+    train_system(
         "vae", options, run_dir, num_epochs=args.max_epochs, batch_size=100, lr=args.lr,
         lr_schedule=None, clip_norm=100.0, valid_every=args.valid_every,
         max_time_s=args.minutes * 60, time_budget="process", seed=args.seed,
         progress=not args.quiet, checkpoint_every=2000,
     )
-    wall_s = time.perf_counter() - t0
-    test = torch.utils.data.Subset(data["test"], range(args.test_points))
+    return score_row(guide, flows, run_dir, args, wall_s=time.perf_counter() - t0)
+
+
+def score_row(guide: str, flows: int, run_dir: Path, args, wall_s: float | None = None) -> dict:
+    """The table row of a trained run: its training figures from ``metrics.jsonl`` and the test
+    ELBO and -log p(x) of its best-validation checkpoint on a fixed random subset of
+    ``args.test_points`` test images (``data.subsets.fixed_subset``, seed 0)."""
+    name = f"{guide}" + (f"-K{flows}" if flows else "")
+    test = fixed_subset(BinarizedMNIST("test"), args.test_points)
     run = load_run(run_dir, which="best")
     pyro.set_rng_seed(0)
     ev = evaluate(run.model, run.guide, test, num_samples=args.num_samples, batch_size=50,
                   chunk_size=500, seed=args.seed)
-    best = min((m for m in read_metrics(run_dir) if "valid_loss" in m),
-               key=lambda m: m["valid_loss"], default=None)
-    steps_per_epoch = math.ceil(len(data["train"]) / 100)
+    metrics = read_metrics(run_dir)
+    best = min((m for m in metrics if "valid_loss" in m), key=lambda m: m["valid_loss"],
+               default=None)
+    last = metrics[-1]
+    budget_min = round(last["time_s"] / 60)
     command = (f"pyro-seqlatent train vae --guide {guide} --num-flows {max(flows, 1)} "
                f"--latent-dim {args.latent_dim} --hidden-dims {args.hidden_dims} "
-               f"--max-time-s {args.minutes * 60:.0f} --time-budget process "
+               f"--max-time-s {budget_min * 60} --time-budget process "
                f"--num-epochs {args.max_epochs} "
                f"--lr {args.lr} --clip-norm 100 --valid-every {args.valid_every} "
                f"--run-dir {run_dir} && pyro-seqlatent evaluate {run_dir} --num-samples "
                f"{args.num_samples} --max-points {args.test_points}")
     return {
-        "row": name, "guide": guide, "K": flows, "steps": result.step,
-        "epochs": round(result.step / steps_per_epoch, 2),
-        "train_s": round(result.budget_time_s, 1), "wall_s": round(wall_s, 1),
+        "row": name, "guide": guide, "K": flows, "steps": last["step"],
+        "epochs": round(last["epoch"], 2), "train_s": round(last["time_s"], 1),
+        "wall_s": round(wall_s, 1) if wall_s is not None else None,
         "best_epoch": best["epoch"] if best else None,
         "test_elbo": ev["elbo"], "test_elbo_sem": ev["elbo_sem"],
         "test_nll": -ev["log_marginal"], "test_nll_sem": ev["log_marginal_sem"],
         "num_samples": args.num_samples, "test_points": ev["num_points"],
+        "test_subset": "fixed_subset(test, seed 0)",
         "run_dir": str(run_dir), "command": command,
     }
 
@@ -170,7 +180,8 @@ def write_table(rows, args, out: Path, extra: str = "") -> Path:
         f"a budget of {args.minutes:g} CPU minutes of training per row (one thread, "
         "`time_budget=\"process\"`) on this machine's CPU; every row is scored at its "
         "best-validation checkpoint (1,000 validation images, validated every epoch): test ELBO "
-        "and -log p(x) by importance sampling with K samples on the first `points` test images, "
+        "and -log p(x) by importance sampling with K samples on a fixed random subset of `points` "
+        "test images (`fixed_subset`, seed 0: the test file is sorted by digit class), "
         "± one standard error over images. The last columns score the whole 10,000-image test "
         "set where it was run.",
         "",
@@ -282,6 +293,8 @@ def main(argv=None) -> None:
                         help="subset of rows, e.g. meanfield planar-K10")
     parser.add_argument("--full-test", nargs="*", default=None,
                         help="score these trained rows on the whole test set, then stop")
+    parser.add_argument("--rescore", nargs="*", default=None,
+                        help="score these trained rows again from their run folders, then stop")
     parser.add_argument("--figures", action="store_true",
                         help="draw samples/reconstructions of the best row and the 2-D manifold")
     parser.add_argument("--nuts", action="store_true", help="add the NUTS posterior check")
@@ -297,6 +310,17 @@ def main(argv=None) -> None:
     if args.figures:
         for path in figures(json.loads(table.read_text()), out):
             print(path)
+        return
+    if args.rescore is not None:  # trained rows scored again (on the current test subset)
+        for guide, flows in ROWS:
+            name = guide + (f"-K{flows}" if flows else "")
+            run_dir = out / "vae_mnist_runs" / name
+            if name in args.rescore and (run_dir / "metrics.jsonl").exists():
+                rows = merge_rows(table, [score_row(guide, flows, run_dir, args)])
+                print(json.dumps(rows[[r["row"] for r in rows].index(name)]), flush=True)
+        rows = json.loads(table.read_text())
+        plot_curves(rows, out)
+        print(write_table(rows, args, out).read_text())
         return
     if args.full_test:
         rows = json.loads(table.read_text())

@@ -153,9 +153,9 @@ def train_system(
 
 
 def _subset(data, max_points: int | None):
-    if max_points is None or max_points >= len(data):
-        return data
-    return torch.utils.data.Subset(data, range(max_points))
+    from pyro_seqlatent.data.subsets import fixed_subset
+
+    return fixed_subset(data, max_points)
 
 
 def evaluate_run(run_dir: str | Path, *, split: str = "test", num_samples: int = 1000,
@@ -281,7 +281,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--num-samples", type=int, default=1000,
                     help="importance samples K per data point (default: 1000)")
     ev.add_argument("--max-points", type=int, default=None,
-                    help="only the first N points of the split (default: all)")
+                    help="a fixed random subset of N points of the split, the same on every "
+                    "call (data.subsets.fixed_subset; default: all)")
     ev.add_argument("--batch-size", type=int, default=100, help="(default: 100)")
     _common(ev)
     sa = sub.add_parser("sample", help="draw from a trained model's generative process")

@@ -10,6 +10,7 @@ from typing import Any
 
 import torch
 
+from pyro_seqlatent.data.subsets import fixed_subset
 from pyro_seqlatent.infer.run import read_metrics
 
 
@@ -123,8 +124,7 @@ def run_demo(out: Path, models: list[str] | None = None, data_root: str | None =
             }
             if ev:
                 test = datasets["test"]
-                if ev.get("max_points") and ev["max_points"] < len(test):
-                    test = torch.utils.data.Subset(test, range(ev["max_points"]))
+                test = fixed_subset(test, ev.get("max_points"))
                 metrics = evaluate(model, guide, test, num_samples=ev.get("num_samples", 100),
                                    batch_size=ev.get("batch_size", 100),
                                    collate_fn=spec.collate_fn, batch_plate=spec.batch_plate,
