@@ -95,6 +95,7 @@ def score_row(guide: str, flows: int, run_dir: Path, args, wall_s: float | None 
         "test_nll": -ev["log_marginal"], "test_nll_sem": ev["log_marginal_sem"],
         "num_samples": args.num_samples, "test_points": ev["num_points"],
         "test_subset": "fixed_subset(test, seed 0)",
+        "nll_points": [round(-float(v), 4) for v in ev["log_marginal_per_point"]],
         "run_dir": str(run_dir), "command": command,
     }
 
@@ -202,6 +203,19 @@ def write_table(rows, args, out: Path, extra: str = "") -> Path:
             f"{r['test_nll']:.2f} ± {r['test_nll_sem']:.2f} | "
             f"{f'{anchor[1]} ({anchor[0]})' if anchor else '–'} | {gap} | {full} |"
         )
+    base = next((r for r in rows if r["row"] == "meanfield" and "nll_points" in r), None)
+    paired = [r for r in rows if base is not None and r is not base and "nll_points" in r
+              and len(r["nll_points"]) == len(base["nll_points"])]
+    if paired:
+        lines += ["", "Each guide against the mean-field guide on the same test images "
+                  "(-log p(x) of the row minus mean-field's; negative = the row is better; "
+                  "paired standard error over images):", "",
+                  "| guide | K | Δ -log p(x) vs mean-field | paired s.e. |", "|---|---|---|---|"]
+        ref = torch.tensor(base["nll_points"], dtype=torch.float64)
+        for r in paired:
+            d = torch.tensor(r["nll_points"], dtype=torch.float64) - ref
+            lines.append(f"| {r['guide']} | {r['K'] or '–'} | {float(d.mean()):+.2f} | "
+                         f"{float(d.std() / len(d) ** 0.5):.2f} |")
     if len(budgets) > 1:
         lines += ["", f"Rows differ in budget (train CPU minutes {budgets}): compare rows of "
                   "one budget only."]
