@@ -58,9 +58,10 @@ def test_train_evaluate_sample_resume_end_to_end(tmp_path, capsys):
     assert loaded.options["latent_dim"] == 2 and len(loaded.metrics) == 6
     assert main(["evaluate", str(run), "--num-samples", "8", "--max-points", "20"]) == 0
     out = json.loads((run / "eval_test_K8.json").read_text())
+    from pyro_seqlatent.data.subsets import fixed_subset
     from pyro_seqlatent.infer import evaluate
 
-    test = torch.utils.data.Subset(loaded.datasets()["test"], range(20))
+    test = fixed_subset(loaded.datasets()["test"], 20)  # what --max-points 20 scores
     direct = evaluate(loaded.model, loaded.guide, test, num_samples=8)  # the Python path
     assert out["num_points"] == 20
     assert out["log_marginal"] == pytest.approx(direct["log_marginal"], rel=1e-4)
