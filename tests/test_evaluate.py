@@ -203,3 +203,14 @@ def test_masked_sites_leave_padded_entries_out():
     cov = 0.25 * torch.eye(2) + torch.ones(2, 2)
     exact = dist.MultivariateNormal(torch.zeros(2), cov).log_prob(x[:, :2])
     assert torch.allclose(padded, exact, atol=0.03)
+
+
+def test_evaluate_does_not_depend_on_the_progress_bar():
+    from pyro_seqlatent.infer import evaluate
+
+    torch.manual_seed(0)
+    data = list(torch.randn(30))
+    model, guide = NormalNormal(), AffineNormalGuide()
+    quiet = evaluate(model, guide, data, num_samples=4, batch_size=7, seed=5)
+    shown = evaluate(model, guide, data, num_samples=4, batch_size=7, seed=5, progress=True)
+    assert quiet["log_marginal"] == shown["log_marginal"] and quiet["elbo"] == shown["elbo"]

@@ -219,12 +219,13 @@ def evaluate(
     devices = [torch.device(device)] if torch.device(device).type == "cuda" else []
     lls, elbos = [], []
     with torch.random.fork_rng(devices=devices):
-        torch.manual_seed(seed)  # Pyro draws from torch's RNG only; python/numpy untouched
-        iterator = loader
+        iterator = iter(loader)  # the loader draws its base seed here: before the seed below
         if progress:
             from tqdm.auto import tqdm
 
-            iterator = tqdm(loader, desc=f"log p(x), K={num_samples}", dynamic_ncols=True)
+            iterator = tqdm(iterator, total=len(loader), desc=f"log p(x), K={num_samples}",
+                            dynamic_ncols=True)
+        torch.manual_seed(seed)  # Pyro draws from torch's RNG only; python/numpy untouched
         for batch in iterator:
             est = log_marginal(model, guide, to_device(batch, device), num_samples=num_samples,
                                batch_plate=batch_plate, chunk_size=chunk_size)
