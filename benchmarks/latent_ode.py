@@ -1,9 +1,12 @@
 """Latent ODE / ODE-RNN / RNN-Δt benchmark: test MSE per cell, time per step and NFE, learning
 curves and figures, plus the union-grid vs time-rescaled solve comparison.
 
-Each cell trains one registered system for ``--minutes`` of wall time (the trainer's
-``max_time_s``) and reports the masked test MSE of the posterior-predictive mean (Latent ODE, 8
-samples of z0) or of the one-step predictions (baselines), on the entries the task scores. Every
+Each cell trains one registered system for ``--minutes`` of CPU time of its process (the
+trainer's ``max_time_s`` with ``time_budget="process"``: run cells side by side, one per core,
+with ``OMP_NUM_THREADS=1``, and neither shortens the other's budget), validates every
+``--valid-every`` steps, and scores its best-validation checkpoint: the masked test MSE of the
+posterior-predictive mean (Latent ODE, 8 samples of z0) or of the one-step predictions
+(baselines), on the entries the task scores. Every
 cell also gets a ``persistence`` row (each scored point predicted by the last value of its
 feature observed strictly before it, or the first observed value before any; no training).
 
@@ -23,7 +26,8 @@ paper's hopper anchors.
 
 Rows of earlier commands with the same ``--out`` are kept (a re-run cell replaces its row; rows
 are keyed by dataset, task, fraction, model and protocol; rows written before the protocol
-field existed count as ``ours``).
+field existed count as ``ours``). Rows are merged under a file lock when a cell finishes, so
+several commands may write into one ``--out`` at once.
 Writes ``results.json``, ``results.md``, per-cell run folders with ``metrics.jsonl``,
 ``learning_curve.png`` and figures.
 """
@@ -32,9 +36,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
 from pathlib import Path
 
+import _results  # benchmarks/_results.py (this script's folder is on sys.path)
 import pyro
 import torch
 from torch.utils.data import DataLoader
@@ -47,6 +53,7 @@ from pyro_seqlatent.data.irregular import (
     union_grid_collate,
 )
 from pyro_seqlatent.data.periodic import make_periodic
+from pyro_seqlatent.infer.train import BEST, restore_modules
 from pyro_seqlatent.models.latent_ode import (
     DATA_DEFAULTS,
     LatentODEModel,
@@ -188,6 +195,8 @@ def cell_options(cell: dict, args) -> dict:
 
 def cell_command(cell: dict, name: str, args) -> str:
     minutes = "" if name == "persistence" else f" --minutes {args.minutes}"
+    if name != "persistence" and args.valid_every != 200:
+        minutes += f" --valid-every {args.valid_every}"
     return (f"python benchmarks/latent_ode.py{minutes} --cells "
             f"{cell['dataset']}:{cell['task']}:{cell['fraction']} --models {name} "
             f"--n-series {args.n_series} --recipe {args.recipe} --quantization "
@@ -220,8 +229,13 @@ def run_cell(name, cell, args, out_dir: Path) -> tuple[dict, dict]:
     options = {k: v for k, v in options.items() if k in spec.defaults}
     run_dir = run_dir_for(out_dir, cell, label, protocol)
     settings = dict(spec.train_defaults, num_steps=10**6, max_time_s=60 * args.minutes,
-                    batch_size=args.batch_size, progress=False, valid_every=None)
+                    time_budget="process", batch_size=args.batch_size, progress=False,
+                    valid_every=args.valid_every or None)
     result, model, guide, datasets = train_system(spec.name, options, run_dir, **settings)
+    scored = "last"
+    if args.valid_every and (run_dir / BEST).exists():
+        restore_modules(run_dir / BEST, model, guide)
+        scored = "best valid"
     epochs = result.history[-1]["epoch"] if result.history else float("nan")
     if protocol == "reference":
         scores = reference_test_mse(model, guide, datasets["test"])
@@ -230,6 +244,8 @@ def run_cell(name, cell, args, out_dir: Path) -> tuple[dict, dict]:
     row = {
         "model": label, **cell, "protocol": protocol, "options": options,
         "steps": result.step, "epochs": epochs, "train_s": result.wall_time_s,
+        "train_cpu_s": result.budget_time_s, "scored": scored,
+        "best_valid": result.best_valid,
         "s_per_epoch": result.wall_time_s / epochs if epochs else None,
         **scores,
         **step_cost(model, guide, datasets["train"], args.batch_size),
@@ -327,8 +343,9 @@ def markdown(rows, solve) -> str:
              "protocol is comparable (notes below). Short CPU budgets: the gap to the anchors "
              "is the budget, see the learning curves.", "",
              "| dataset | task | observed | protocol | model | test MSE | anchor | gap (÷ anchor) "
-             "| steps | epochs | s/epoch | s/step | gen NFE fwd/bwd | enc NFE fwd/bwd |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| steps | epochs | train CPU min | scored | s/epoch | s/step | gen NFE fwd/bwd "
+             "| enc NFE fwd/bwd |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     rows = sorted(rows, key=row_key)
     for r in rows:
         anchor = shown_anchor(r)
@@ -341,7 +358,9 @@ def markdown(rows, solve) -> str:
             f"| {r['dataset']} | {r['task']} | {observed} | {row_protocol(r)} | {r['model']} | "
             f"{r['test_mse']:.4g} | {_num(anchor, '.4g')} | "
             f"{'–' if gap is None else f'{gap:.2f}×'} | {r['steps']} | "
-            f"{_num(r['epochs'], '.2f')} | {_num(r['s_per_epoch'], '.1f')} | "
+            f"{_num(r['epochs'], '.2f')} | "
+            f"{_num(None if r.get('train_cpu_s') is None else r['train_cpu_s'] / 60, '.1f')} | "
+            f"{r.get('scored', 'last') if r['steps'] else '–'} | {_num(r['s_per_epoch'], '.1f')} | "
             f"{_num(r.get('step_s'), '.2f')} | {gen} | {enc} |")
     notes = []
     if any(r["task"] == "extrap" and "protocol" not in r for r in rows):
@@ -403,6 +422,9 @@ def main(argv=None):
     p.add_argument("--quantization", type=float, default=0.1)
     p.add_argument("--n-records", type=int, default=0, help="PhysioNet subset (0 = all 8000)")
     p.add_argument("--batch-size", type=int, default=50)
+    p.add_argument("--valid-every", type=int, default=200,
+                   help="validate every N steps and score the best-validation checkpoint "
+                        "(0: no validation, score the last state)")
     p.add_argument("--protocol", default="ours", choices=PROTOCOLS,
                    help="hopper cells: our protocol or the reference implementation's "
                         "(normalisation, windows, split, scoring; see the module docstring)")
@@ -416,11 +438,20 @@ def main(argv=None):
         p.error(f"--protocol {args.protocol} is defined for hopper cells only")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    rows, solve = load_previous(out / "results.json")
+    path = out / "results.json"
 
-    def save():
-        (out / "results.json").write_text(json.dumps({"rows": rows, "solve": solve},
-                                                     indent=2, default=str))
+    def save(new_rows=(), new_solve=None):
+        """Merge under the lock: re-read what other commands wrote, replace our rows."""
+        with _results.locked(path):
+            rows, solve = load_previous(path)
+            for row in new_rows:
+                rows = merge_row(rows, row)
+            solve = new_solve or solve
+            tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+            tmp.write_text(json.dumps({"rows": rows, "solve": solve}, indent=2, default=str))
+            tmp.replace(path)
+            (out / "results.md").write_text(markdown(rows, solve))
+        return rows, solve
 
     for cell in cells:
         datasets = None
@@ -431,19 +462,13 @@ def main(argv=None):
             row, datasets = run_cell(name, cell, args, out)
             print(f"[latent_ode bench] {cell} {row['model']} ({row['protocol']}): test MSE "
                   f"{row['test_mse']:.4g} after {row['steps']} steps", flush=True)
-            rows = merge_row(rows, row)
-            save()
+            save([row])
         if not args.no_persistence:
             row = persistence_row(cell, args, datasets)
             print(f"[latent_ode bench] {cell} persistence ({row['protocol']}): test MSE "
                   f"{row['test_mse']:.4g}", flush=True)
-            rows = merge_row(rows, row)
-            save()
-    if not args.no_solve_bench:
-        solve = union_vs_rescaled()
-    (out / "results.json").write_text(json.dumps({"rows": rows, "solve": solve}, indent=2,
-                                                 default=str))
-    (out / "results.md").write_text(markdown(rows, solve))
+            save([row])
+    rows, solve = save(new_solve=None if args.no_solve_bench else union_vs_rescaled())
     print(markdown(rows, solve))
 
 
