@@ -305,13 +305,17 @@ def nuts_check(rows, args, out: Path) -> str:
     guides = args.nuts_guides
     fig, axes = plt.subplots(len(guides), shown + 1, figsize=(2.6 * (shown + 1), 2.6 * len(guides)),
                              squeeze=False)
-    per_guide = {}
+    per_guide, budgets = {}, {}
     for row_axes, guide in zip(axes, guides):
         options = {"guide": guide, "num_flows": 8, "latent_dim": 2, "hidden_dims": "400"}
         run_dir = out / "vae_mnist_runs" / f"nuts-{guide}"
         if args.nuts_reuse and run_dir.is_dir():
             run = load_run(run_dir)
             model, q = run.model, run.guide
+            cfg = run.train_config
+            budgets[guide] = (f"{cfg.get('max_time_s', float('nan')) / 60:g} "
+                              f"{'CPU' if cfg.get('time_budget') == 'process' else 'wall'} "
+                              f"minutes (reused run folder)")
         else:
             _, model, q, _ = train_system("vae", options, run_dir, num_epochs=1000,
                                           batch_size=100, lr=1e-3, clip_norm=100.0,
@@ -319,6 +323,7 @@ def nuts_check(rows, args, out: Path) -> str:
                                           time_budget="process", progress=False)
             if (run_dir / BEST).exists():
                 restore_modules(run_dir / BEST, model, q)
+            budgets[guide] = f"{args.nuts_minutes:g} CPU minutes"
         stats = {k: [] for k in ("gap", "is_vs_grid", "ed_nuts", "ed_grid", "nuts_vs_grid")}
         for i in range(args.nuts_images):
             x = test[i][None]
@@ -384,16 +389,18 @@ def nuts_check(rows, args, out: Path) -> str:
     fig.tight_layout()
     fig.savefig(out / "vae_nuts_scatter.png", dpi=110)
     plt.close(fig)
+    trained = "; ".join(f"{g} {b}" for g, b in budgets.items())
     lines += ["", f"Over {args.nuts_images} random test images (`fixed_subset`, seed 0); each "
-              f"guide with its own decoder, trained {args.nuts_minutes:g} CPU minutes (best "
-              "validation checkpoint). NUTS: 4 chains from prior draws, 150 warm-up + 150 draws "
+              f"guide with its own decoder, trained for {trained} (best validation "
+              "checkpoint). NUTS: 4 chains from prior draws, 150 warm-up + 150 draws "
               "each. Grid: the exact posterior by quadrature on 201 × 201 cells over [−5, 5]², "
               "cells within 30 nats of the mode split 8 × 8, 600 draws; its log p(x) checks the "
               "importance-sampled one. log p(x) − ELBO by importance sampling, K = 2000. Energy "
               "distance (0 iff the same law) between 600 guide draws and the posterior draws. "
               "Contours in the figure: the grid posterior.",
               "", f"Command: `python benchmarks/vae_mnist.py --nuts --rows --nuts-minutes "
-              f"{args.nuts_minutes:g} --nuts-images {args.nuts_images}`",
+              f"{args.nuts_minutes:g} --nuts-images {args.nuts_images}"
+              + (" --nuts-reuse" if args.nuts_reuse else "") + "`",
               "", "![NUTS vs guide](vae_nuts_scatter.png)"]
     (out / "vae_nuts.md").write_text("\n".join(lines) + "\n")
     return "\n".join(lines)
