@@ -14,7 +14,8 @@ checkpoint, then reports on the test split:
 Outputs under ``--out`` (default ``benchmarks/results/vrnn``): ``results.json``, ``results.md``
 (one table, the command per row), ``curve_<row>.png`` learning curves, ``fig2_kl_delta.png``
 (seed 000's Figure 2) and ``fig3_samples_{jsb,fsdd}.png`` (Figure 3: generated piano rolls /
-waveforms of the rows run in that invocation). Rows of earlier invocations are kept in the table
+waveforms of every trained row of the table, read back from the run folders; `--figures`
+redraws them alone). Rows of earlier invocations are kept in the table
 (merged by row name when a row finishes, so several invocations may run at once). Per-sequence
 test log-likelihoods are kept, and a second table compares pairs of rows on the same test
 sequences: the mean per-sequence difference with its paired standard error.
@@ -241,6 +242,46 @@ def paired_differences(rows: list[dict]) -> list[tuple]:
     return out
 
 
+def trained_rows(results: list[dict], args, dataset: str):
+    """``(row, model, guide)`` for every row of ``dataset`` in the table whose run folder under
+    ``--out`` still holds a checkpoint (the best-validation one where it exists)."""
+    from pyro_seqlatent.infer.train import CHECKPOINT
+
+    for r in results:
+        run_dir = args.out / r["row"]
+        ckpt = next((run_dir / f for f in (BEST, CHECKPOINT) if (run_dir / f).exists()), None)
+        if r["options"]["dataset"] != dataset or ckpt is None:
+            continue
+        pyro.clear_param_store()
+        model, guide = get_model(r["system"]).build(r["options"])
+        restore_modules(ckpt, model, guide)
+        yield r, model, guide
+
+
+def draw_figures(results: list[dict], args, datasets=("jsb", "fsdd"), cache=None) -> None:
+    """Figure 3 (a generated sequence of every trained row of a dataset, read back from the run
+    folders, so rows trained by separate invocations share one figure) and Figure 2 (from the
+    FSDD VRNN-GMM row, else VRNN-Gauss)."""
+    cache = {} if cache is None else cache
+    for dataset in datasets:
+        samples, fig2_source = {}, None
+        for r, model, guide in trained_rows(results, args, dataset):
+            pyro.set_rng_seed(args.seed)
+            with torch.no_grad():
+                samples[f"{r['label']} ({dataset})"] = model(
+                    length=100 if dataset == "jsb" else 40, num_sequences=1)[0]
+            if r["row"] in ("fsdd-vrnn-gmm", "fsdd-vrnn-gauss") and (
+                    fig2_source is None or r["row"] == "fsdd-vrnn-gmm"):
+                fig2_source = (r, model, guide)
+        if samples:
+            figure3(samples, args.out / f"fig3_samples_{dataset}.png")
+        if fig2_source is not None:
+            r, model, guide = fig2_source
+            if dataset not in cache:
+                cache[dataset] = get_model(r["system"]).datasets(r["options"], None)
+            figure2(model, guide, cache[dataset], args.out / "fig2_kl_delta.png")
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description="VRNN benchmark table")
     parser.add_argument("--rows", default="jsb-rnn,jsb-vrnn",
@@ -255,6 +296,8 @@ def main(argv=None):
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/vrnn"))
+    parser.add_argument("--figures", action="store_true",
+                        help="only redraw Figures 2 and 3 from the trained rows' run folders")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -265,8 +308,11 @@ def main(argv=None):
         sys.exit(f"unknown rows {sorted(unknown)}; known: {list(ROWS)}")
     args.out.mkdir(parents=True, exist_ok=True)
     results_path = args.out / "results.json"
-    samples, cache = {}, {}
+    cache = {}
     results = json.loads(results_path.read_text()) if results_path.exists() else []
+    if args.figures:
+        draw_figures(results, args, cache=cache)
+        return results
     for row in rows:
         out, model, guide, data = run_row(row, args, cache)
         # rows measured by other invocations stay in the table (re-read under a lock: they may
@@ -274,19 +320,8 @@ def main(argv=None):
         results = _results.merge_rows(results_path, [out],
                                       order=lambda r: list(ROWS).index(r["row"]))
         print(json.dumps({k: v for k, v in out.items() if k != "curve"}), flush=True)
-        pyro.set_rng_seed(args.seed)
-        length = 100 if out["options"]["dataset"] == "jsb" else 40
-        with torch.no_grad():
-            samples[out["label"] + f" ({out['options']['dataset']})"] = model(
-                length=length, num_sequences=1)[0]
-        if row == "fsdd-vrnn-gmm" or (row.startswith("fsdd-vrnn") and not any(
-                r == "fsdd-vrnn-gmm" for r in rows)):
-            figure2(model, guide, data, args.out / "fig2_kl_delta.png")
         (args.out / "results.md").write_text(markdown(results, args))
-    for dataset in ("jsb", "fsdd"):
-        drawn = {k: v for k, v in samples.items() if k.endswith(f"({dataset})")}
-        if drawn:
-            figure3(drawn, args.out / f"fig3_samples_{dataset}.png")
+    draw_figures(results, args, datasets={ROWS[row][1]["dataset"] for row in rows}, cache=cache)
     print(markdown(results, args))
     return results
 
