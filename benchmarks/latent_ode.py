@@ -197,7 +197,7 @@ def cell_command(cell: dict, name: str, args) -> str:
     minutes = "" if name == "persistence" else f" --minutes {args.minutes}"
     if name != "persistence" and args.valid_every != 200:
         minutes += f" --valid-every {args.valid_every}"
-    return (f"python benchmarks/latent_ode.py{minutes} --cells "
+    return (f"OMP_NUM_THREADS=1 python benchmarks/latent_ode.py{minutes} --cells "
             f"{cell['dataset']}:{cell['task']}:{cell['fraction']} --models {name} "
             f"--n-series {args.n_series} --recipe {args.recipe} --quantization "
             f"{args.quantization} --n-records {args.n_records} "
@@ -232,10 +232,10 @@ def run_cell(name, cell, args, out_dir: Path) -> tuple[dict, dict]:
                     time_budget="process", batch_size=args.batch_size, progress=False,
                     valid_every=args.valid_every or None)
     result, model, guide, datasets = train_system(spec.name, options, run_dir, **settings)
-    scored = "last"
-    if args.valid_every and (run_dir / BEST).exists():
-        restore_modules(run_dir / BEST, model, guide)
-        scored = "best valid"
+    scored, scored_step = "last", result.step
+    if args.valid_every and (run_dir / BEST).exists():  # the final step is validated too
+        scored_step = restore_modules(run_dir / BEST, model, guide)["state"]["step"]
+        scored = f"best valid (step {scored_step})"
     epochs = result.history[-1]["epoch"] if result.history else float("nan")
     if protocol == "reference":
         scores = reference_test_mse(model, guide, datasets["test"])
@@ -244,9 +244,10 @@ def run_cell(name, cell, args, out_dir: Path) -> tuple[dict, dict]:
     row = {
         "model": label, **cell, "protocol": protocol, "options": options,
         "steps": result.step, "epochs": epochs, "train_s": result.wall_time_s,
-        "train_cpu_s": result.budget_time_s, "scored": scored,
-        "best_valid": result.best_valid,
-        "s_per_epoch": result.wall_time_s / epochs if epochs else None,
+        "train_cpu_s": result.budget_time_s, "time_budget": "process",
+        "threads": torch.get_num_threads(), "valid_every": args.valid_every,
+        "scored": scored, "scored_step": scored_step, "best_valid": result.best_valid,
+        "s_per_epoch": result.budget_time_s / epochs if epochs else None,
         **scores,
         **step_cost(model, guide, datasets["train"], args.batch_size),
         "command": cell_command(cell, name, args),
@@ -256,6 +257,8 @@ def run_cell(name, cell, args, out_dir: Path) -> tuple[dict, dict]:
     if spec.plot is not None:
         figures += list(spec.plot(model, guide, datasets, spec.options(**options), run_dir))
     row["figures"] = [str(f) for f in figures]
+    # kept beside the run, so a row survives an unreadable results.json
+    (run_dir / "row.json").write_text(json.dumps(row, indent=2, default=str))
     return row, datasets
 
 
@@ -394,6 +397,14 @@ def markdown(rows, solve) -> str:
         notes.append("PhysioNet anchors: the reference normalises PhysioNet by (x − min) / max "
                      "as well (`utils.normalize_masked_data`); the factor to our min–max units "
                      "was not measured, so read those gaps with care.")
+    if any(r["steps"] and r.get("train_cpu_s") is None for r in rows):
+        notes.append("Rows without a train CPU figure were trained on a wall-clock budget "
+                     "(their command's `--minutes` then meant wall minutes) and scored at "
+                     "their last step; s/epoch is wall time for them, CPU time for the others.")
+    if any(r.get("scored_step") is not None for r in rows):
+        notes.append("`scored`: the state whose test MSE is reported: the lowest validation "
+                     "loss (negative ELBO, or the baselines' training loss) among validations "
+                     "every `--valid-every` steps and at the last step.")
     if notes:
         lines += ["", "Notes:", ""] + [n if n.startswith("  ") else f"- {n}" for n in notes]
     lines += ["", "Commands:", ""] + [f"- `{r['command']}`" for r in rows]

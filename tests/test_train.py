@@ -196,6 +196,17 @@ def test_early_stopping_and_best_checkpoint(tmp_path):
     assert load_checkpoint(tmp_path / "best.pt")["state"]["step"] == 2
 
 
+def test_the_last_step_is_validated_and_can_be_the_best_checkpoint(tmp_path):
+    x = conjugate_data(n=40)
+    result = train(NormalNormal(), AffineNormalGuide(), TensorData(x), valid_data=TensorData(x),
+                   num_steps=23, batch_size=10, lr=0.01, valid_every=10, run_dir=tmp_path,
+                   progress=False)
+    validated = [r["step"] for r in result.history if "valid_loss" in r]
+    assert validated == [10, 20, 23]
+    # still learning at a useful rate: the last state is the best one, and it is kept
+    assert load_checkpoint(tmp_path / "best.pt")["state"]["step"] == 23
+
+
 def test_tuple_and_dict_batches_and_bad_options():
     x = conjugate_data(n=20)
 

@@ -406,7 +406,8 @@ def train(
     :param guide: the same for the guide (it may be an autoguide).
     :param train_data: a torch ``Dataset``; batches are fed as ``model(*batch)`` (tuple),
         ``model(**batch)`` (dict) or ``model(batch)``.
-    :param valid_data: optional validation ``Dataset`` (``valid_every`` steps apart).
+    :param valid_data: optional validation ``Dataset`` (every ``valid_every`` steps and at the
+        last step).
     :param run_dir: folder for ``checkpoint.pt``, ``best.pt``, ``metrics.jsonl`` and
         ``train_config.json``; without it nothing is written.
     :param resume: continue from ``run_dir/checkpoint.pt`` if it exists.
@@ -689,7 +690,11 @@ def _train(model, guide, train_data, valid_data, collate_fn, run_dir, resume, ca
                     "examples_per_s": n / max(time.perf_counter() - t0, 1e-9),
                 }
                 offset += 1
-                if valid_loader is not None and cfg.valid_every and step % cfg.valid_every == 0:
+                # the final state is validated too, so that the best checkpoint can be the last
+                # one (the steps after the last periodic validation are not thrown away)
+                final = step >= total_steps or over_time
+                if valid_loader is not None and cfg.valid_every and (
+                        step % cfg.valid_every == 0 or final):
                     valid = mean_loss(model, guide, valid_loader, elbo, device,
                                       cfg.valid_max_batches, seed=cfg.seed)
                     record["valid_loss"] = valid
