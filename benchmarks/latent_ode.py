@@ -24,6 +24,13 @@ paper's hopper anchors.
     python benchmarks/latent_ode.py --minutes 2 --cells hopper:interp:0.1 \\
         --models latent_ode ode_rnn --protocol reference --out benchmarks/results/latent_ode/hopper
 
+``--jobs N`` trains the command's (cell, model) pairs in N single-threaded subprocesses at
+once (logs under ``--out``/logs), e.g. the anchor-comparable hopper table on two cores:
+
+    python benchmarks/latent_ode.py --minutes 20 --jobs 2 --protocol reference \\
+        --cells hopper:interp:0.1 hopper:interp:0.5 hopper:extrap:0.1 hopper:extrap:0.5 \\
+        --models latent_ode ode_rnn rnn_dt --out benchmarks/results/latent_ode/hopper
+
 Rows of earlier commands with the same ``--out`` are kept (a re-run cell replaces its row; rows
 are keyed by dataset, task, fraction, model and protocol; rows written before the protocol
 field existed count as ``ours``). Rows are merged under a file lock when a cell finishes, so
@@ -37,6 +44,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -421,6 +429,50 @@ def markdown(rows, solve) -> str:
     return "\n".join(lines) + "\n"
 
 
+def run_in_processes(cells: list[dict], argv: list[str], args) -> None:
+    """Train every (cell, model) pair of this command in a subprocess of its own (this script
+    with that one cell and model, ``OMP_NUM_THREADS=1``), ``--jobs`` at a time; each merges its
+    row into ``--out`` under the lock. A failed pair is reported and the others go on."""
+    import subprocess
+
+    strip = {"--cells", "--models", "--jobs"}
+    base, skip = [], False
+    for token in argv:  # the command's other options, passed through
+        if token.startswith("--"):
+            skip = token.split("=")[0] in strip
+            if token in ("--no-persistence", "--no-solve-bench"):
+                continue
+        if not skip:
+            base.append(token)
+    tasks = [(f"{c['dataset']}:{c['task']}:{c['fraction']}", name)
+             for c in cells for name in args.models if name != "persistence"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    running, failed = [], []
+    logs = Path(args.out) / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    while tasks or running:
+        while tasks and len(running) < args.jobs:
+            cell, name = tasks.pop(0)
+            log = open(logs / f"{cell.replace(':', '-')}-{name}.log", "w")
+            cmd = [sys.executable, __file__, *base, "--cells", cell, "--models", name,
+                   "--no-persistence", "--no-solve-bench"]
+            print(f"[latent_ode bench] start {cell} {name} (log: {log.name})", flush=True)
+            running.append((subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT),
+                            cell, name, log))
+        time.sleep(2.0)
+        for item in list(running):
+            proc, cell, name, log = item
+            if proc.poll() is not None:
+                running.remove(item)
+                log.close()
+                print(f"[latent_ode bench] done {cell} {name}: exit {proc.returncode}",
+                      flush=True)
+                if proc.returncode:
+                    failed.append((cell, name, log.name))
+    for cell, name, log in failed:
+        print(f"[latent_ode bench] FAILED {cell} {name}: see {log}", file=sys.stderr)
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--minutes", type=float, default=20.0, help="training budget per cell")
@@ -439,6 +491,9 @@ def main(argv=None):
     p.add_argument("--protocol", default="ours", choices=PROTOCOLS,
                    help="hopper cells: our protocol or the reference implementation's "
                         "(normalisation, windows, split, scoring; see the module docstring)")
+    p.add_argument("--jobs", type=int, default=1,
+                   help="train the (cell, model) pairs in this many single-threaded processes "
+                        "at once (one per core; budgets are CPU seconds of each process)")
     p.add_argument("--no-persistence", action="store_true",
                    help="skip the persistence row of each cell")
     p.add_argument("--no-solve-bench", action="store_true")
@@ -464,6 +519,14 @@ def main(argv=None):
             (out / "results.md").write_text(markdown(rows, solve))
         return rows, solve
 
+    if args.jobs > 1:  # every (cell, model) in its own single-threaded process
+        run_in_processes(cells, argv if argv is not None else sys.argv[1:], args)
+        if not args.no_persistence:
+            for cell in cells:
+                save([persistence_row(cell, args)])
+        rows, solve = save(new_solve=None if args.no_solve_bench else union_vs_rescaled())
+        print(markdown(rows, solve))
+        return
     for cell in cells:
         datasets = None
         for name in args.models:
