@@ -154,11 +154,12 @@ def test_extrap_prefix_keeps_feature_masks():
 
 
 def test_physionet_record_parsing_and_quantization():
-    text = ("Time,Parameter,Value\n00:00,RecordID,1\n00:00,Age,50\n00:00,Weight,80\n"
+    text = ("Time,Parameter,Value\n00:00,RecordID,1\n00:00,Age,50\n00:00,Weight,-1\n"
+            "00:00,Weight,80\n"
             "00:03,HR,100\n00:05,HR,110\n00:05,Temp,37\n47:59,HR,90\n48:01,HR,1\n")
     index = {name: i for i, name in enumerate(VARIABLES)}
     minutes, params, values = _parse_record(text, index)
-    assert minutes == [0, 3, 5, 5, 2879]  # static variables and t > 48 h dropped
+    assert minutes == [0, 3, 5, 5, 2879]  # static variables, weight -1 and t > 48 h dropped
     assert [VARIABLES[p] for p in params] == ["Weight", "HR", "HR", "Temp", "HR"]
     t, mean, mask = _quantized_record(torch.tensor(minutes), torch.tensor(params),
                                       torch.tensor(values), 0.1, len(VARIABLES))

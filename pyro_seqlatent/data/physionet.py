@@ -5,7 +5,11 @@ Protocol (Rubanova et al. 2019 §4.3 and the reference's PhysioNet command):
 * records of ``set-a`` and ``set-b`` (8,000 stays) read straight from
   ``physionet2012/physionet2012_seta_setb.tar.gz`` under the data root (no extraction);
 * the 37 time-varying variables :data:`VARIABLES` (the static RecordID, Age, Gender, Height and
-  ICUType are dropped), observations in the first 48 h;
+  ICUType are dropped), observations in the first 48 h; ``Weight`` is also a descriptor at
+  00:00, where -1 means unknown: those 673 values (and any other weight <= 0) are dropped, not
+  read as -1 kg (the reference keeps them, and with them its Weight minimum is -1). Other
+  outliers stay as recorded (pH up to 735, Temp down to -17.8; they set those variables'
+  min–max range);
 * times quantized to multiples of ``quantization`` hours: ``1/60`` (the minute, up to 2,881 grid
   points; the reference's ``--quantization 0.016`` is 0.96 min) or the coarser ``0.1`` h (481
   points) for CPU budgets; several values of one variable in one bin are averaged;
@@ -39,7 +43,7 @@ VARIABLES = (
 )
 STATIC = ("RecordID", "Age", "Gender", "Height", "ICUType")
 MAX_MINUTES = 48 * 60
-_CACHE_VERSION = 1
+_CACHE_VERSION = 2  # 2: Weight <= 0 (the missing marker -1) dropped
 
 
 def cache_dir() -> Path:
@@ -59,6 +63,8 @@ def _parse_record(text: str, index: dict) -> tuple[list, list, list]:
         hh, mm = row[0].split(":")
         minute = int(hh) * 60 + int(mm)
         if minute > MAX_MINUTES:
+            continue
+        if row[1] == "Weight" and float(row[2]) <= 0:  # -1: the "unknown" descriptor marker
             continue
         minutes.append(minute)
         params.append(index[row[1]])
