@@ -10,13 +10,16 @@ posterior-predictive mean (Latent ODE, 8 samples of z0) or of the one-step predi
 cell also gets a ``persistence`` row (each scored point predicted by the last value of its
 feature observed strictly before it, or the first observed value before any; no training).
 
-``--protocol reference`` (hopper cells only) builds the data as the reference implementation
-does (``pyro_seqlatent.data.hopper``) and scores as it does: ODE-RNN / RNN-Δt predict the
+``--protocol reference`` (hopper and PhysioNet cells) builds the data as the reference
+implementation does (``pyro_seqlatent.data.hopper``, ``pyro_seqlatent.data.physionet``) and
+scores as it does: the MSE of a record is the mean over all variables of each variable's MSE
+over its scored times, 0 for a variable with none (``lib/likelihood_eval.py``
+``compute_masked_likelihood``), averaged over records; ODE-RNN / RNN-Δt predict the
 first time point of a sequence by its observed value, or 0 where it is unobserved (the
 reference's ``utils.shift_outputs`` with ``first_point = observed_data[:, 0]``), and the Latent
 ODE's MSE is the mean of the MSEs of 3 z0 samples (``VAE_Baseline.get_mse`` under
 ``compute_loss_all_batches(..., n_traj_samples=3)``). Only those rows are set beside the
-paper's hopper anchors.
+paper's anchors.
 
     python benchmarks/latent_ode.py --minutes 2 \\
         --cells periodic:interp:0.5 periodic:extrap physionet:interp \\
@@ -76,6 +79,7 @@ from pyro_seqlatent.registry import get_model
 from pyro_seqlatent.report import plot_learning_curve
 
 PROTOCOLS = ("ours", "reference")
+REFERENCE_DATASETS = ("hopper", "physionet")  # those with a protocol="reference"
 # squared errors in the reference's (x - min) / max units over ours, (x - min) / (max - min):
 # mean over the 14 hopper features of ((max - min) / max)^2, /tmp/hopper_protocol.md item 1
 HOPPER_UNIT_FACTOR = 4.1
@@ -118,6 +122,19 @@ def test_mse(model, guide, dataset, batch_size=50, num_samples=8) -> float:
     return sse / max(count, 1.0)
 
 
+def reference_record_mse(pred: torch.Tensor, values: torch.Tensor,
+                         mask: torch.Tensor) -> tuple[float, int]:
+    """``(sum over records of the record's MSE, number of records)``, a record's MSE being the
+    reference's: the mean over all ``D`` variables of each variable's mean squared error over
+    its masked times, 0 for a variable with no masked time. ``pred`` may carry leading sample
+    dimensions (each sample counts as a record, so the result is the mean over samples)."""
+    err = ((pred - values) ** 2 * mask).sum(-2)  # (..., B, D)
+    count = mask.expand_as(pred).sum(-2)
+    per_variable = torch.where(count > 0, err / count.clamp_min(1), torch.zeros_like(err))
+    per_record = per_variable.mean(-1)
+    return float(per_record.sum()), per_record.numel()
+
+
 def reference_first_point(pred: torch.Tensor, batch: dict) -> torch.Tensor:
     """``pred`` with each sequence's first time point replaced as the reference's ODE-RNN and
     RNN baselines do (``lib/ode_rnn.py``, ``lib/rnn_baselines.py``: ``utils.shift_outputs`` with
@@ -142,12 +159,12 @@ def reference_test_mse(model, guide, dataset, batch_size=50) -> dict:
     for batch in DataLoader(dataset, batch_size=batch_size, collate_fn=union_grid_collate):
         if hasattr(model, "predict"):  # deterministic one-step baselines
             pred = model.predict(**batch)
-            s, c = masked_mse(reference_first_point(pred, batch), batch["values"], batch["mask"])
-            plain += masked_mse(pred, batch["values"], batch["mask"])[0]
-        else:  # mean over z0 samples of each sample's MSE = summed SE / (samples x count)
+            s, c = reference_record_mse(reference_first_point(pred, batch), batch["values"],
+                                        batch["mask"])
+            plain += reference_record_mse(pred, batch["values"], batch["mask"])[0]
+        else:  # mean over z0 samples of each sample's MSE
             samples = forecast(model, guide, batch, num_samples=REFERENCE_LATENT_SAMPLES)
-            s, c = masked_mse(samples["samples"], batch["values"], batch["mask"])
-            c *= REFERENCE_LATENT_SAMPLES
+            s, c = reference_record_mse(samples["samples"], batch["values"], batch["mask"])
         sse, count = sse + s, count + c
     model.train()
     out = {"test_mse": sse / max(count, 1.0)}
@@ -160,12 +177,12 @@ def persistence_mse(dataset, protocol: str, batch_size=50) -> dict:
     """Test MSE of :func:`persistence_predict` (``{"test_mse"}``; under ``"reference"`` also
     ``test_mse_with_first_point_rule``, the same predictions scored with the reference ODE-RNN's
     first-point rule, for comparison with its anchor)."""
+    score = masked_mse if protocol == "ours" else reference_record_mse
     sse = count = ruled = 0.0
     for batch in DataLoader(dataset, batch_size=batch_size, collate_fn=union_grid_collate):
         pred = persistence_predict(batch["values"], batch["obs_mask"])
-        s, c = masked_mse(pred, batch["values"], batch["mask"])
-        ruled += masked_mse(reference_first_point(pred, batch), batch["values"],
-                            batch["mask"])[0]
+        s, c = score(pred, batch["values"], batch["mask"])
+        ruled += score(reference_first_point(pred, batch), batch["values"], batch["mask"])[0]
         sse, count = sse + s, count + c
     out = {"test_mse": sse / max(count, 1.0)}
     if protocol == "reference":
@@ -190,8 +207,8 @@ def step_cost(model, guide, dataset, batch_size) -> dict:
 
 
 def cell_protocol(cell: dict, args) -> str:
-    """``--protocol`` for hopper cells; other datasets have only ours."""
-    return args.protocol if cell["dataset"] == "hopper" else "ours"
+    """``--protocol`` for hopper and PhysioNet cells; the toy data has only ours."""
+    return args.protocol if cell["dataset"] in REFERENCE_DATASETS else "ours"
 
 
 def cell_options(cell: dict, args) -> dict:
@@ -215,7 +232,7 @@ def cell_command(cell: dict, name: str, args) -> str:
 def anchor_for(cell: dict, label: str, protocol: str):
     """The paper's value, where it is comparable: hopper anchors only for protocol
     ``"reference"`` (ours is in other units, see :func:`markdown`)."""
-    if cell["dataset"] == "hopper" and protocol != "reference":
+    if cell["dataset"] in REFERENCE_DATASETS and protocol != "reference":
         return None
     return ANCHORS.get((cell["dataset"], cell["task"], label), {}).get(cell["fraction"])
 
@@ -336,7 +353,7 @@ def merge_row(rows: list, new: dict) -> list:
 def shown_anchor(row: dict):
     """The anchor printed for a row: hopper anchors only beside protocol ``reference`` rows
     (older rows stored one for every hopper row)."""
-    if row["dataset"] == "hopper" and row_protocol(row) != "reference":
+    if row["dataset"] in REFERENCE_DATASETS and row_protocol(row) != "reference":
         return None
     return row.get("anchor_mse")
 
@@ -401,10 +418,12 @@ def markdown(rows, solve) -> str:
                 if r.get(key) is not None and abs(r[key] - r["test_mse"]) > 1e-12:
                     notes.append(f"  - {r['dataset']} {r['task']} {r['fraction']} {r['model']} "
                                  f"{what}: {r[key]:.4g}")
-    if any(r["dataset"] == "physionet" and shown_anchor(r) is not None for r in rows):
-        notes.append("PhysioNet anchors: the reference normalises PhysioNet by (x − min) / max "
-                     "as well (`utils.normalize_masked_data`); the factor to our min–max units "
-                     "was not measured, so read those gaps with care.")
+    if any(r["dataset"] == "physionet" and row_protocol(r) == "ours" for r in rows):
+        notes.append("PhysioNet rows under protocol `ours` have no anchor: the reference scores "
+                     "41 variables (the descriptors too), normalises by (x − min) / max over all "
+                     "records and averages each record's per-variable MSEs over all 41 slots, "
+                     "0 for a variable the record never observed (docs/latent_ode.md § "
+                     "Protocols); `--protocol reference` rows are comparable.")
     if any(r["steps"] and r.get("train_cpu_s") is None for r in rows):
         notes.append("Rows without a train CPU figure were trained on a wall-clock budget "
                      "(their command's `--minutes` then meant wall minutes) and scored at "
@@ -500,8 +519,8 @@ def main(argv=None):
     p.add_argument("--out", default="benchmarks/results/latent_ode")
     args = p.parse_args(argv)
     cells = [parse_cell(text) for text in args.cells]
-    if args.protocol != "ours" and any(c["dataset"] != "hopper" for c in cells):
-        p.error(f"--protocol {args.protocol} is defined for hopper cells only")
+    if args.protocol != "ours" and any(c["dataset"] not in REFERENCE_DATASETS for c in cells):
+        p.error(f"--protocol {args.protocol} is defined for hopper and physionet cells only")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     path = out / "results.json"

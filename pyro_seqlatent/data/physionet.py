@@ -42,6 +42,11 @@ VARIABLES = (
     "SysABP", "Temp", "TroponinI", "TroponinT", "Urine", "WBC", "Weight",
 )
 STATIC = ("RecordID", "Age", "Gender", "Height", "ICUType")
+#: the reference implementation's 41 variables (``physionet.py`` ``params``): the descriptors
+#: Age, Gender, Height, ICUType (one value at 00:00) and Weight first, then the series
+REFERENCE_VARIABLES = ("Age", "Gender", "Height", "ICUType", "Weight") + tuple(
+    v for v in VARIABLES if v != "Weight")
+PROTOCOLS = ("ours", "reference")
 MAX_MINUTES = 48 * 60
 _CACHE_VERSION = 2  # 2: Weight <= 0 (the missing marker -1) dropped
 
@@ -53,7 +58,9 @@ def cache_dir() -> Path:
     return path
 
 
-def _parse_record(text: str, index: dict) -> tuple[list, list, list]:
+def _parse_record(text: str, index: dict, keep_unknown: bool = False) -> tuple[list, list, list]:
+    """``(minutes, variable indices, values)`` of one record's rows whose variable is in
+    ``index``, up to 48 h; ``keep_unknown`` keeps Weight = -1 (the reference does)."""
     minutes, params, values = [], [], []
     reader = csv.reader(io.StringIO(text))
     next(reader, None)  # header Time,Parameter,Value
@@ -64,7 +71,7 @@ def _parse_record(text: str, index: dict) -> tuple[list, list, list]:
         minute = int(hh) * 60 + int(mm)
         if minute > MAX_MINUTES:
             continue
-        if row[1] == "Weight" and float(row[2]) <= 0:  # -1: the "unknown" descriptor marker
+        if row[1] == "Weight" and float(row[2]) <= 0 and not keep_unknown:  # -1 = unknown
             continue
         minutes.append(minute)
         params.append(index[row[1]])
@@ -72,14 +79,20 @@ def _parse_record(text: str, index: dict) -> tuple[list, list, list]:
     return minutes, params, values
 
 
-def load_raw(root=None, refresh: bool = False) -> dict:
+def load_raw(root=None, refresh: bool = False, protocol: str = "ours") -> dict:
     """Parse the archive once (cached): ``{"ids", "minutes", "params", "values", "offsets"}``,
-    the observations of record ``r`` being ``offsets[r]:offsets[r+1]``."""
+    the observations of record ``r`` being ``offsets[r]:offsets[r+1]``; ``params`` index
+    :data:`VARIABLES` (``protocol="ours"``) or :data:`REFERENCE_VARIABLES` (``"reference"``:
+    descriptors included, Weight = -1 kept)."""
+    if protocol not in PROTOCOLS:
+        raise ValueError(f"protocol={protocol!r}: use one of {PROTOCOLS}")
     archive = data_file(ARCHIVE, root)
-    cached = cache_dir() / f"physionet2012_raw_v{_CACHE_VERSION}.pt"
+    suffix = "" if protocol == "ours" else "_reference"
+    cached = cache_dir() / f"physionet2012_raw{suffix}_v{_CACHE_VERSION}.pt"
     if cached.exists() and not refresh:
         return torch.load(cached, weights_only=True)
-    index = {name: i for i, name in enumerate(VARIABLES)}
+    names = VARIABLES if protocol == "ours" else REFERENCE_VARIABLES
+    index = {name: i for i, name in enumerate(names)}
     ids, minutes, params, values, offsets = [], [], [], [], [0]
     records = []
     with tarfile.open(archive, "r:gz") as tar:
@@ -87,7 +100,8 @@ def load_raw(root=None, refresh: bool = False) -> dict:
             name = "/" + member.name
             if not (member.isfile() and "/set-" in name and name.endswith(".txt")):
                 continue
-            mins, pars, vals = _parse_record(tar.extractfile(member).read().decode(), index)
+            mins, pars, vals = _parse_record(tar.extractfile(member).read().decode(), index,
+                                             keep_unknown=protocol == "reference")
             if mins:
                 records.append((int(Path(member.name).stem), mins, pars, vals))
     for record_id, mins, pars, vals in sorted(records, key=lambda r: r[0]):
@@ -124,12 +138,25 @@ def _quantized_record(minutes, params, values, quantization: float, num_vars: in
 
 def physionet_items(root=None, quantization: float = 0.1, time_scale: float = 48.0,
                     n_records: int | None = None, seed: int = 0,
-                    split_fractions=(0.8, 0.1, 0.1)) -> dict[str, list[dict]]:
-    """Items per split (normalised with training min–max); ``n_records`` takes a random subset
-    (seeded) for small budgets."""
+                    split_fractions=None, protocol: str = "ours") -> dict[str, list[dict]]:
+    r"""Items per split; ``n_records`` takes a random subset (seeded) for small budgets.
+
+    ``protocol="ours"``: the 37 :data:`VARIABLES`, :math:`(x - \min)/(\max - \min)` over the
+    observed training values, splits 80/10/10. ``protocol="reference"``: as the reference
+    implementation, the 41 :data:`REFERENCE_VARIABLES` (descriptors included, Weight = -1
+    kept), :math:`(x - \min)/\max` with min and max over the quantized observed values of all
+    8,000 records (a max of 0 divides by 1; ``utils.normalize_masked_data``), test = 20 %
+    (70/10/20). Times are divided by ``time_scale`` in both (the reference divides each
+    batch's times by the batch's largest time, ≈ 48 h)."""
+    if protocol not in PROTOCOLS:
+        raise ValueError(f"protocol={protocol!r}: use one of {PROTOCOLS}")
     if not quantization > 0:
         raise ValueError(f"quantization must be positive (hours), got {quantization!r}")
-    raw = load_raw(root)
+    if split_fractions is None:
+        split_fractions = (0.8, 0.1, 0.1) if protocol == "ours" else (0.7, 0.1, 0.2)
+    raw = load_raw(root, protocol=protocol)
+    names = VARIABLES if protocol == "ours" else REFERENCE_VARIABLES
+    num_vars = len(names)
     n_total = raw["ids"].numel()
     order = torch.randperm(n_total, generator=torch.Generator().manual_seed(seed))
     if n_records is not None:
@@ -139,23 +166,36 @@ def physionet_items(root=None, quantization: float = 0.1, time_scale: float = 48
     splits = {"train": order[:n_train], "valid": order[n_train:n_train + n_valid],
               "test": order[n_train + n_valid:]}
     off = raw["offsets"]
-    num_vars = len(VARIABLES)
-    # min-max over the observed training values
-    train_rows = torch.cat([torch.arange(int(off[r]), int(off[r + 1])) for r in splits["train"]])
-    lo = torch.full((num_vars,), float("inf"))
-    hi = torch.full((num_vars,), float("-inf"))
-    lo = lo.scatter_reduce(0, raw["params"][train_rows], raw["values"][train_rows], "amin")
-    hi = hi.scatter_reduce(0, raw["params"][train_rows], raw["values"][train_rows], "amax")
-    lo = torch.where(torch.isfinite(lo), lo, torch.zeros_like(lo))
-    width = torch.where(torch.isfinite(hi) & (hi > lo), hi - lo, torch.ones_like(lo))
+
+    def quantized(r):
+        sl = slice(int(off[r]), int(off[r + 1]))
+        return _quantized_record(raw["minutes"][sl], raw["params"][sl], raw["values"][sl],
+                                 quantization, num_vars)
+
+    if protocol == "ours":  # min-max over the observed training values
+        rows = torch.cat([torch.arange(int(off[r]), int(off[r + 1])) for r in splits["train"]])
+        lo = torch.full((num_vars,), float("inf"))
+        hi = torch.full((num_vars,), float("-inf"))
+        lo = lo.scatter_reduce(0, raw["params"][rows], raw["values"][rows], "amin")
+        hi = hi.scatter_reduce(0, raw["params"][rows], raw["values"][rows], "amax")
+        lo = torch.where(torch.isfinite(lo), lo, torch.zeros_like(lo))
+        scale = torch.where(torch.isfinite(hi) & (hi > lo), hi - lo, torch.ones_like(lo))
+        cache = {}
+    else:  # min and max over the quantized observed values of every record
+        cache = {r: quantized(r) for r in range(n_total)}
+        lo = torch.full((num_vars,), float("inf"), dtype=torch.float64)
+        hi = torch.full((num_vars,), float("-inf"), dtype=torch.float64)
+        for _, mean, mask in cache.values():
+            lo = torch.minimum(lo, torch.where(mask, mean, torch.inf).amin(0))
+            hi = torch.maximum(hi, torch.where(mask, mean, -torch.inf).amax(0))
+        lo = torch.where(torch.isfinite(lo), lo, torch.zeros_like(lo))
+        scale = torch.where(torch.isfinite(hi) & (hi != 0), hi, torch.ones_like(hi))
     out = {}
     for name, records in splits.items():
         items = []
         for r in records.tolist():
-            sl = slice(int(off[r]), int(off[r + 1]))
-            t, mean, mask = _quantized_record(raw["minutes"][sl], raw["params"][sl],
-                                              raw["values"][sl], quantization, num_vars)
-            values = ((mean - lo.double()) / width.double()) * mask
+            t, mean, mask = cache[r] if r in cache else quantized(r)
+            values = ((mean - lo.double()) / scale.double()) * mask
             items.append({"times": (t / time_scale).float(), "values": values.float(),
                           "mask": mask.float()})
         out[name] = items
@@ -164,12 +204,14 @@ def physionet_items(root=None, quantization: float = 0.1, time_scale: float = 48
 
 def physionet_datasets(root=None, task: str = "interp", fraction: float = 1.0,
                        quantization: float = 0.1, n_records: int | None = None,
-                       seed: int = 0) -> dict[str, IrregularDataset]:
+                       seed: int = 0, protocol: str = "ours") -> dict[str, IrregularDataset]:
     """Train/valid/test datasets. ``task="interp"`` with ``fraction=1`` is the paper's
     interpolation (encode every observation, reconstruct every observation); ``fraction < 1``
     hides time points from the encoder; ``"extrap"`` observes ``fraction`` of the time points of
-    the first 24 h (all of them with ``fraction=1``) and predicts the rest."""
-    items = physionet_items(root, quantization, n_records=n_records, seed=seed)
+    the first 24 h (all of them with ``fraction=1``) and predicts the rest. ``protocol``: see
+    :func:`physionet_items`."""
+    items = physionet_items(root, quantization, n_records=n_records, seed=seed,
+                            protocol=protocol)
     return {name: IrregularDataset(apply_task(split, task, fraction=fraction, split=0.5,
                                               seed=seed + i))
             for i, (name, split) in enumerate(items.items())}

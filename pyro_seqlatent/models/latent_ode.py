@@ -296,7 +296,7 @@ DATA_DEFAULTS = {
     "quantization": 0.1,
     "n_records": 0,
     "data_seed": 0,  # draws of the series, masks and splits (not the training seed)
-    "protocol": "ours",  # hopper: "ours" or "reference" (pyro_seqlatent.data.hopper)
+    "protocol": "ours",  # hopper, physionet: "ours" or "reference" (data.hopper, data.physionet)
 }
 
 
@@ -304,9 +304,9 @@ def system_datasets(options: dict, root=None) -> dict:
     """Train/valid/test datasets of the ``dataset`` option (shared by the three systems)."""
     name = options["dataset"]
     protocol = options.get("protocol", "ours")
-    if protocol != "ours" and name != "hopper":
-        raise ValueError(f"protocol={protocol!r} is defined for dataset='hopper' only; "
-                         f"use protocol='ours' with dataset={name!r}")
+    if protocol != "ours" and name not in ("hopper", "physionet"):
+        raise ValueError(f"protocol={protocol!r} is defined for dataset='hopper' and "
+                         f"'physionet' only; use protocol='ours' with dataset={name!r}")
     if name == "periodic":
         from pyro_seqlatent.data.periodic import periodic_datasets
 
@@ -317,7 +317,7 @@ def system_datasets(options: dict, root=None) -> dict:
 
         return physionet_datasets(root, options["task"], options["fraction"],
                                   options["quantization"], options["n_records"] or None,
-                                  seed=options["data_seed"])
+                                  seed=options["data_seed"], protocol=protocol)
     if name == "hopper":
         from pyro_seqlatent.data.hopper import hopper_datasets
 
@@ -329,6 +329,8 @@ def system_datasets(options: dict, root=None) -> dict:
 def data_dim(options: dict) -> int:
     if options["dataset"] not in DATA_DIMS:
         raise ValueError(f"dataset={options['dataset']!r} is not one of {DATASETS}")
+    if options["dataset"] == "physionet" and options.get("protocol", "ours") == "reference":
+        return 41  # the reference's variables: descriptors too (data.physionet)
     return DATA_DIMS[options["dataset"]]
 
 
