@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -117,6 +118,13 @@ def run_row(row: str, args, data_cache: dict) -> dict:
     return out, model, guide, data
 
 
+def _save(fig, path: Path) -> None:
+    """Write a figure atomically (several invocations may draw the same file)."""
+    tmp = path.with_name(f".{path.stem}.{os.getpid()}{path.suffix}")
+    fig.savefig(tmp, dpi=110)
+    tmp.replace(path)
+
+
 def plot_curve(row: dict, path: Path) -> None:
     import matplotlib
 
@@ -138,7 +146,7 @@ def plot_curve(row: dict, path: Path) -> None:
         ax.set_ylim(min(lows) - pad, max(lows) + pad)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    _save(fig, path)
     plt.close(fig)
 
 
@@ -171,7 +179,7 @@ def figure2(model, guide, data, path: Path) -> None:
     axes[2].set_xlabel("frame t (200 samples)")
     fig.suptitle("VRNN on an FSDD test recording (seed 000, Figure 2)")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    _save(fig, path)
     plt.close(fig)
 
 
@@ -191,7 +199,7 @@ def figure3(samples: dict, path: Path) -> None:
             ax.plot(x.flatten().numpy(), lw=0.4)
         ax.set_title(label, fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    _save(fig, path)
     plt.close(fig)
 
 
@@ -321,7 +329,10 @@ def main(argv=None):
                                       order=lambda r: list(ROWS).index(r["row"]))
         print(json.dumps({k: v for k, v in out.items() if k != "curve"}), flush=True)
         (args.out / "results.md").write_text(markdown(results, args))
-    draw_figures(results, args, datasets={ROWS[row][1]["dataset"] for row in rows}, cache=cache)
+    with _results.locked(results_path):  # the rows other invocations finished meanwhile too
+        results = json.loads(results_path.read_text())
+        draw_figures(results, args, datasets={ROWS[row][1]["dataset"] for row in rows},
+                     cache=cache)
     print(markdown(results, args))
     return results
 
