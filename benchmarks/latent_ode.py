@@ -206,6 +206,67 @@ def step_cost(model, guide, dataset, batch_size) -> dict:
     return out
 
 
+def speed_comparison(cell: dict, args, models=("rnn_dt", "ode_rnn", "latent_ode"),
+                     repeats: int = 10, warmup: int = 2) -> dict:
+    """CPU seconds (``time.process_time``, one thread: robust to other load on the machine) and
+    NFE of one training step (loss + backward) of each model on the same batch of ``cell``,
+    models interleaved round-robin, median over ``repeats``; freshly initialised networks (NFE
+    grows during training). Ratios: ODE-RNN / RNN-Δt (the paper: ODE-RNN ≈ 1.6× a GRU) and
+    Latent ODE / ODE-RNN (the paper: ≈ 2×)."""
+    options = cell_options(cell, args)
+    datasets = system_datasets({**DATA_DEFAULTS, **{k: v for k, v in options.items()
+                                                    if k in DATA_DEFAULTS}})
+    train = datasets["train"]
+    batch = union_grid_collate([train[i] for i in range(min(args.batch_size, len(train)))])
+    systems = {}
+    for name in models:
+        spec = get_model(name)
+        pyro.clear_param_store()
+        pyro.set_rng_seed(0)
+        systems[name] = spec.build(spec.options(**{k: v for k, v in options.items()
+                                                   if k in spec.defaults}))
+    elbo = pyro.infer.Trace_ELBO()
+    seconds = {name: [] for name in models}
+    nfe = {}
+    for rep in range(warmup + repeats):
+        for name, (model, guide) in systems.items():
+            reset_nfe(model, guide)
+            t0 = time.process_time()
+            elbo.differentiable_loss(model, guide, **batch).backward()
+            elapsed = time.process_time() - t0
+            model.zero_grad(set_to_none=True)
+            guide.zero_grad(set_to_none=True)
+            if rep >= warmup:
+                seconds[name].append(elapsed)
+            nfe[name] = nfe_metrics(model, guide)
+    median = {name: sorted(v)[len(v) // 2] for name, v in seconds.items()}
+    return {"cell": cell, "protocol": options["protocol"], "batch": list(batch["values"].shape),
+            "threads": torch.get_num_threads(), "step_cpu_s": median, "nfe": nfe,
+            "ode_rnn_over_rnn_dt": median["ode_rnn"] / median["rnn_dt"],
+            "latent_ode_over_ode_rnn": median["latent_ode"] / median["ode_rnn"]}
+
+
+def speed_markdown(results: list[dict]) -> str:
+    lines = ["# Step cost: RNN-Δt vs ODE-RNN vs Latent ODE", "",
+             "CPU seconds of one training step (loss + backward, one thread, median of 10, "
+             "models interleaved) on the same batch; freshly initialised networks. Paper: "
+             "ODE-RNN ≈ 1.6× a GRU, Latent ODE ≈ 2× ODE-RNN.", "",
+             "| data | batch (B, N, D) | RNN-Δt s | ODE-RNN s | Latent ODE s | ODE-RNN ÷ RNN-Δt "
+             "| Latent ODE ÷ ODE-RNN | NFE ODE-RNN fwd/bwd | NFE Latent ODE gen / enc fwd |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in results:
+        c, m, n = r["cell"], r["step_cpu_s"], r["nfe"]
+        ode = n.get("ode_rnn", {})
+        lat = n.get("latent_ode", {})
+        lines.append(
+            f"| {c['dataset']} {c['task']} {c['fraction']} ({r['protocol']}) | {r['batch']} | "
+            f"{m['rnn_dt']:.3f} | {m['ode_rnn']:.3f} | {m['latent_ode']:.3f} | "
+            f"{r['ode_rnn_over_rnn_dt']:.2f}× | {r['latent_ode_over_ode_rnn']:.2f}× | "
+            f"{ode.get('gen_nfe_forward', '–')}/{ode.get('gen_nfe_backward', '–')} | "
+            f"{lat.get('gen_nfe_forward', '–')} / {lat.get('enc_nfe_forward', '–')} |")
+    return "\n".join(lines) + "\n"
+
+
 def cell_protocol(cell: dict, args) -> str:
     """``--protocol`` for hopper and PhysioNet cells; the toy data has only ours."""
     return args.protocol if cell["dataset"] in REFERENCE_DATASETS else "ours"
@@ -513,6 +574,9 @@ def main(argv=None):
     p.add_argument("--jobs", type=int, default=1,
                    help="train the (cell, model) pairs in this many single-threaded processes "
                         "at once (one per core; budgets are CPU seconds of each process)")
+    p.add_argument("--speed", action="store_true",
+                   help="only measure the step cost of RNN-Δt, ODE-RNN and Latent ODE on each "
+                        "cell (speed.json / speed.md under --out)")
     p.add_argument("--no-persistence", action="store_true",
                    help="skip the persistence row of each cell")
     p.add_argument("--no-solve-bench", action="store_true")
@@ -538,6 +602,20 @@ def main(argv=None):
             (out / "results.md").write_text(markdown(rows, solve))
         return rows, solve
 
+    if args.speed:
+        new = [speed_comparison(cell, args) for cell in cells]
+        path = out / "speed.json"
+        with _results.locked(path):  # rows of other cells (other commands) are kept
+
+            def key(r):
+                return json.dumps([r["cell"], r["protocol"]], sort_keys=True)
+
+            old = json.loads(path.read_text()) if path.exists() else []
+            results = [r for r in old if key(r) not in {key(n) for n in new}] + new
+            path.write_text(json.dumps(results, indent=2, default=str))
+        (out / "speed.md").write_text(speed_markdown(results))
+        print(speed_markdown(results))
+        return
     if args.jobs > 1:  # every (cell, model) in its own single-threaded process
         run_in_processes(cells, argv if argv is not None else sys.argv[1:], args)
         if not args.no_persistence:
