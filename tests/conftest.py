@@ -2,12 +2,15 @@
 
 ``require_data(relative)`` returns the path of a real data file under ``$PYRO_SEQLATENT_DATA``.
 Outside CI a missing file skips the test with a message naming the file; under ``CI=true`` it is
-a failure, never a silent skip.
+a failure, never a silent skip. ``load_benchmark(name)`` imports ``benchmarks/<name>.py``.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import os
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -27,6 +30,20 @@ def require_data(relative: str):
         if in_ci():
             pytest.fail("CI=true and " + message, pytrace=False)
         pytest.skip(message)
+
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def load_benchmark(name: str):
+    """The benchmark script ``benchmarks/<name>.py`` as a module (its folder on ``sys.path``,
+    since the scripts import their sibling ``_results``)."""
+    if str(BENCHMARKS) not in sys.path:
+        sys.path.insert(0, str(BENCHMARKS))
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCHMARKS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 @pytest.fixture(autouse=True)

@@ -3,27 +3,19 @@
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import require_data
+from conftest import load_benchmark, require_data
 from pyro_seqlatent.data.physionet import REFERENCE_VARIABLES, VARIABLES, _parse_record
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def _bench():
-    if str(ROOT / "benchmarks") not in sys.path:  # the script imports its sibling _results
-        sys.path.insert(0, str(ROOT / "benchmarks"))
-    spec = importlib.util.spec_from_file_location("bench_latent_ode_physionet",
-                                                  ROOT / "benchmarks" / "latent_ode.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("latent_ode")
 
 
 def test_reference_variables_are_the_descriptors_then_the_series():

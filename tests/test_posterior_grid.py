@@ -3,24 +3,18 @@ against the closed form of a linear-Gaussian model, p(x) = N(x; b, A Aᵀ + σ²
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 from pathlib import Path
 
 import pyro.distributions as dist
 import torch
 
+from conftest import load_benchmark
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def _bench():
-    if str(ROOT / "benchmarks") not in sys.path:  # the script imports its sibling _results
-        sys.path.insert(0, str(ROOT / "benchmarks"))
-    spec = importlib.util.spec_from_file_location("bench_vae_mnist",
-                                                  ROOT / "benchmarks" / "vae_mnist.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("vae_mnist")
 
 
 class LinearGaussian:
