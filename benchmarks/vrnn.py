@@ -85,7 +85,8 @@ def run_row(row: str, args, data_cache: dict) -> dict:
     result = train(model, guide, data["train"], valid_data=data["valid"], collate_fn=pad_collate,
                    run_dir=run_dir, num_steps=10**8, max_time_s=60.0 * args.minutes,
                    time_budget="process",
-                   valid_every=args.valid_every, progress=False, seed=args.seed, **settings)
+                   valid_every=args.valid_every, progress=False, seed=args.seed,
+                   early_stopping_patience=args.patience or None, **settings)
     if (run_dir / BEST).exists():
         restore_modules(run_dir / BEST, model, guide)
     test = data["test"]
@@ -112,6 +113,7 @@ def run_row(row: str, args, data_cache: dict) -> dict:
                    f"--num-samples {args.num_samples}"
                    + (f" --lr {args.lr}" if args.lr != 1e-3 else "")
                    + (f" --valid-every {args.valid_every}" if args.valid_every != 100 else "")
+                   + (f" --patience {args.patience}" if args.patience else "")
                    + (f" --options '{args.options}'" if args.options != "{}" else ""),
     }
     plot_curve(out, args.out / f"curve_{row}.png")
@@ -300,6 +302,9 @@ def main(argv=None):
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--batch-size", type=int, default=20)
     parser.add_argument("--valid-every", type=int, default=100)
+    parser.add_argument("--patience", type=int, default=0,
+                        help="stop after this many validations without improvement (0: train "
+                             "the whole budget); the best-validation checkpoint is scored anyway")
     parser.add_argument("--options", default="{}", help="JSON overrides of model options")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=None)
