@@ -69,8 +69,20 @@ def one_sample_test_elbo(model, guide, data, seed: int = 0, batch_size: int = 32
     return total
 
 
+def table_order(r: dict) -> tuple:
+    """Rows in :data:`ROWS` order, each default row before its tagged variants."""
+    return list(ROWS).index(r["row"].split("+")[0]), r["row"]
+
+
+def row_id(row: str, tag: str) -> str:
+    """The table key of ``row`` trained with a ``--tag`` (a variant beside the default row)."""
+    return f"{row}+{tag}" if tag else row
+
+
 def run_row(row: str, args, data_cache: dict) -> dict:
     name, overrides, label = ROWS[row]
+    if args.tag:
+        label = f"{label} [{args.tag}]"
     spec = get_model(name)
     options = spec.options(**overrides, **json.loads(args.options))
     key = options["dataset"]
@@ -80,8 +92,9 @@ def run_row(row: str, args, data_cache: dict) -> dict:
     pyro.set_rng_seed(args.seed)
     pyro.clear_param_store()
     model, guide = spec.build(options)
-    run_dir = args.out / row
-    settings = {**spec.train_defaults, "lr": args.lr, "batch_size": args.batch_size}
+    run_dir = args.out / row_id(row, args.tag)
+    settings = {**spec.train_defaults, "lr": args.lr, "batch_size": args.batch_size,
+                **json.loads(args.train_options)}
     result = train(model, guide, data["train"], valid_data=data["valid"], collate_fn=pad_collate,
                    run_dir=run_dir, num_steps=10**8, max_time_s=60.0 * args.minutes,
                    time_budget="process",
@@ -98,7 +111,7 @@ def run_row(row: str, args, data_cache: dict) -> dict:
     eval_s = time.perf_counter() - t0
     ll_total = float(est["log_marginal_per_point"].sum())
     out = {
-        "row": row, "label": label, "system": name, "options": options,
+        "row": row_id(row, args.tag), "label": label, "system": name, "options": options,
         "train_steps": result.step, "train_cpu_s": result.budget_time_s,
         "stopped": result.stopped, "best_valid_per_sequence": result.best_valid,
         "test_sequences": len(test), "test_steps": steps, "num_samples": args.num_samples,
@@ -114,7 +127,10 @@ def run_row(row: str, args, data_cache: dict) -> dict:
                    + (f" --lr {args.lr}" if args.lr != 1e-3 else "")
                    + (f" --valid-every {args.valid_every}" if args.valid_every != 100 else "")
                    + (f" --patience {args.patience}" if args.patience else "")
-                   + (f" --options '{args.options}'" if args.options != "{}" else ""),
+                   + (f" --options '{args.options}'" if args.options != "{}" else "")
+                   + (f" --train-options '{args.train_options}'"
+                      if args.train_options != "{}" else "")
+                   + (f" --tag {args.tag}" if args.tag else ""),
     }
     plot_curve(out, args.out / f"curve_{row}.png")
     return out, model, guide, data
@@ -238,11 +254,13 @@ PAIRS = [("jsb-vrnn", "jsb-rnn"), ("jsb-vrnn-iaf", "jsb-vrnn"),
 
 
 def paired_differences(rows: list[dict]) -> list[tuple]:
-    """For each pair of :data:`PAIRS` that both have per-sequence log-likelihoods: (dataset,
+    """For each pair of :data:`PAIRS` (and each tagged variant with its default row) that both
+    have per-sequence log-likelihoods: (dataset,
     label A, label B, mean difference, its standard error, number of sequences)."""
     by_row = {r["row"]: r for r in rows if "ll_sequences" in r}
+    variants = [(r, r.split("+")[0]) for r in by_row if "+" in r]  # each variant vs its default
     out = []
-    for a, b in PAIRS:
+    for a, b in PAIRS + variants:
         if a in by_row and b in by_row:
             d = (torch.tensor(by_row[a]["ll_sequences"], dtype=torch.float64)
                  - torch.tensor(by_row[b]["ll_sequences"], dtype=torch.float64))
@@ -306,6 +324,12 @@ def main(argv=None):
                         help="stop after this many validations without improvement (0: train "
                              "the whole budget); the best-validation checkpoint is scored anyway")
     parser.add_argument("--options", default="{}", help="JSON overrides of model options")
+    parser.add_argument("--train-options", default="{}",
+                        help="JSON overrides of the training settings (TrainConfig fields, e.g. "
+                             '\'{"weight_decay": 0.05, "kl_anneal_steps": 1000}\')')
+    parser.add_argument("--tag", default="",
+                        help="keep this run as a variant row '<row>+<tag>' beside the default "
+                             "row (its own run folder and table line)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/vrnn"))
@@ -331,7 +355,7 @@ def main(argv=None):
         # rows measured by other invocations stay in the table (re-read under a lock: they may
         # have finished while this row trained)
         results = _results.merge_rows(results_path, [out],
-                                      order=lambda r: list(ROWS).index(r["row"]))
+                                      order=table_order)
         print(json.dumps({k: v for k, v in out.items() if k != "curve"}), flush=True)
         (args.out / "results.md").write_text(markdown(results, args))
     with _results.locked(results_path):  # the rows other invocations finished meanwhile too
