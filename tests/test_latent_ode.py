@@ -248,3 +248,25 @@ def test_decoder_sees_z_at_each_observation_time(t0, per_sequence):
     angle = w * (times.expand(b, n) - t0)
     expected = z0[:, :1] * torch.cos(angle) - z0[:, 1:] * torch.sin(angle)
     torch.testing.assert_close(loc[..., 0], expected, atol=1e-6, rtol=1e-6)
+
+
+def test_extrap_train_all_scores_the_prefix_in_training_only():
+    from pyro_seqlatent.models.latent_ode import DATA_DEFAULTS, system_datasets
+
+    opts = {**DATA_DEFAULTS, "task": "extrap", "n_series": 40, "recipe": "code"}
+    future = system_datasets(opts)
+    both = system_datasets({**opts, "extrap_train": "all"})
+    for a, b in zip(future["train"].items, both["train"].items):
+        assert torch.equal(a["obs_mask"], b["obs_mask"]) and torch.equal(a["values"], b["values"])
+        assert a["mask"].sum() > 0 and (a["mask"] * a["obs_mask"]).sum() == 0  # future only
+        assert torch.equal(b["mask"], torch.maximum(a["mask"], a["obs_mask"]))
+        assert b["mask"].sum() == a["mask"].sum() + a["obs_mask"].sum()
+    for split in ("valid", "test"):  # scored on the future either way
+        for a, b in zip(future[split].items, both[split].items):
+            assert torch.equal(a["mask"], b["mask"])
+    interp = {**opts, "task": "interp"}
+    for a, b in zip(system_datasets(interp)["train"].items,
+                    system_datasets({**interp, "extrap_train": "all"})["train"].items):
+        assert torch.equal(a["mask"], b["mask"])  # interpolation has no prefix to add
+    with pytest.raises(ValueError, match="extrap_train must be one of"):
+        system_datasets({**opts, "extrap_train": "prefix"})
