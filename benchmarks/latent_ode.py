@@ -277,7 +277,7 @@ def cell_options(cell: dict, args) -> dict:
             "n_series": args.n_series, "recipe": args.recipe,
             "quantization": args.quantization, "n_records": args.n_records,
             "protocol": cell_protocol(cell, args),
-            "extrap_train": getattr(args, "extrap_train", "future")}
+            **({"extrap_train": "all"} if prefix_trained(cell, args) else {})}
 
 
 def prefix_trained(cell: dict, args) -> bool:
@@ -294,7 +294,8 @@ def cell_command(cell: dict, name: str, args) -> str:
             f"--n-series {args.n_series} --recipe {args.recipe} --quantization "
             f"{args.quantization} --n-records {args.n_records} "
             f"--batch-size {args.batch_size} --protocol {cell_protocol(cell, args)}"
-            + (" --extrap-train all" if prefix_trained(cell, args) else ""))
+            + (" --extrap-train all"
+               if prefix_trained(cell, args) and name != "persistence" else ""))
 
 
 def anchor_for(cell: dict, label: str, protocol: str):
@@ -544,7 +545,8 @@ def run_in_processes(cells: list[dict], argv: list[str], args) -> None:
     while tasks or running:
         while tasks and len(running) < args.jobs:
             cell, name = tasks.pop(0)
-            log = open(logs / f"{cell.replace(':', '-')}-{name}.log", "w")
+            variant = "-prefix" if args.extrap_train == "all" and ":extrap" in cell else ""
+            log = open(logs / f"{cell.replace(':', '-')}-{name}{variant}.log", "w")
             cmd = [sys.executable, __file__, *base, "--cells", cell, "--models", name,
                    "--no-persistence", "--no-solve-bench"]
             print(f"[latent_ode bench] start {cell} {name} (log: {log.name})", flush=True)

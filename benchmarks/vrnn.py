@@ -29,6 +29,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -67,6 +69,34 @@ def one_sample_test_elbo(model, guide, data, seed: int = 0, batch_size: int = 32
         for batch in DataLoader(data, batch_size=batch_size, collate_fn=pad_collate):
             total += Trace_ELBO(max_plate_nesting=1).loss(model, guide, **batch)
     return total
+
+
+#: set by the benchmark itself (budget, validation, data) or by their own flags
+FIXED_TRAIN_SETTINGS = {"num_steps", "num_epochs", "max_time_s", "time_budget", "valid_every",
+                        "progress", "seed", "early_stopping_patience", "lr", "batch_size"}
+
+
+def check_variant_args(parser, args) -> None:
+    """Reject a ``--train-options`` that is not a JSON object of :class:`TrainConfig` fields
+    the benchmark leaves free, and a ``--tag`` that is not a plain name, before any data loads."""
+    from dataclasses import fields
+
+    from pyro_seqlatent.infer.train import TrainConfig
+
+    try:
+        extra = json.loads(args.train_options)
+    except json.JSONDecodeError as e:
+        parser.error(f"--train-options is not JSON ({e}); e.g. '{{\"weight_decay\": 0.001}}'")
+    if not isinstance(extra, dict):
+        parser.error("--train-options must be a JSON object of training settings")
+    known = {f.name for f in fields(TrainConfig)} - FIXED_TRAIN_SETTINGS
+    bad = sorted(set(extra) - known)
+    if bad:
+        parser.error(f"--train-options: {bad} cannot be set here (budget, validation and seed "
+                     f"come from --minutes/--valid-every/--patience/--seed, lr and batch size "
+                     f"from --lr/--batch-size); allowed: {sorted(known)}")
+    if args.tag and not re.fullmatch(r"[A-Za-z0-9_.-]+", args.tag):
+        parser.error(f"--tag {args.tag!r}: use letters, digits, '_', '.', '-' only")
 
 
 def table_order(r: dict) -> tuple:
@@ -113,6 +143,7 @@ def run_row(row: str, args, data_cache: dict) -> dict:
     out = {
         "row": row_id(row, args.tag), "label": label, "system": name, "options": options,
         "train_steps": result.step, "train_cpu_s": result.budget_time_s,
+        "train_options": json.loads(args.train_options),
         "stopped": result.stopped, "best_valid_per_sequence": result.best_valid,
         "test_sequences": len(test), "test_steps": steps, "num_samples": args.num_samples,
         "neg_elbo_per_step": neg_elbo / steps, "nll_per_step": -ll_total / steps,
@@ -127,12 +158,12 @@ def run_row(row: str, args, data_cache: dict) -> dict:
                    + (f" --lr {args.lr}" if args.lr != 1e-3 else "")
                    + (f" --valid-every {args.valid_every}" if args.valid_every != 100 else "")
                    + (f" --patience {args.patience}" if args.patience else "")
-                   + (f" --options '{args.options}'" if args.options != "{}" else "")
-                   + (f" --train-options '{args.train_options}'"
+                   + (f" --options {shlex.quote(args.options)}" if args.options != "{}" else "")
+                   + (f" --train-options {shlex.quote(args.train_options)}"
                       if args.train_options != "{}" else "")
                    + (f" --tag {args.tag}" if args.tag else ""),
     }
-    plot_curve(out, args.out / f"curve_{row}.png")
+    plot_curve(out, args.out / f"curve_{row_id(row, args.tag)}.png")
     return out, model, guide, data
 
 
@@ -336,6 +367,7 @@ def main(argv=None):
     parser.add_argument("--figures", action="store_true",
                         help="only redraw Figures 2 and 3 from the trained rows' run folders")
     args = parser.parse_args(argv)
+    check_variant_args(parser, args)
     if args.threads:
         torch.set_num_threads(args.threads)
     pyro.enable_validation(False)

@@ -28,3 +28,18 @@ def test_variants_follow_their_default_row_in_the_table():
                                            "fsdd-rnn-gauss"]
     assert bench.row_id("jsb-vrnn", "") == "jsb-vrnn"
     assert bench.row_id("jsb-vrnn", "wd") == "jsb-vrnn+wd"
+
+
+def test_variant_flags_are_checked_before_any_data_loads():
+    import argparse
+
+    import pytest
+
+    parser = argparse.ArgumentParser()
+    ok = argparse.Namespace(train_options='{"weight_decay": 0.001}', tag="wd1e-3")
+    bench.check_variant_args(parser, ok)  # no error
+    for train_options, tag in [('{"num_steps": 3}', ""), ('{"lr": 0.1}', ""),
+                               ('{"weight_decay": }', ""), ("[1]", ""), ("{}", "a/b")]:
+        with pytest.raises(SystemExit):
+            bench.check_variant_args(parser, argparse.Namespace(train_options=train_options,
+                                                                tag=tag))

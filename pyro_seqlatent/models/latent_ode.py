@@ -305,16 +305,20 @@ EXTRAP_TRAIN = ("future", "all")
 
 
 def with_prefix_targets(dataset):
-    """A copy of an extrapolation split whose scored mask also covers the observed prefix:
+    r"""A copy of an extrapolation split whose scored mask also covers the observed prefix:
     ``mask ← max(mask, obs_mask)``.
 
     Trained on the future alone, a Latent ODE must learn its dynamics from errors at
     :math:`t > t_{split}` only, through a solve that starts at :math:`t_0`; on the toy series it
-    can settle on the constant mean (a stable fixed point of :math:`f_\\theta`) and stay there.
-    Scoring the prefix too adds the reconstruction :math:`\\log p(x_{obs} \\mid z_0)` to the
-    ELBO of :math:`p(x_{obs}, x_{future} \\mid z_0)` under the same
-    :math:`q(z_0 \\mid x_{obs})`: the short-horizon errors near :math:`t_0` teach the dynamics
-    first, as in interpolation.
+    can settle on the constant mean (a stable fixed point of :math:`f_\theta`) and stay there.
+    Scoring the prefix too trains on
+
+    .. math::
+        \mathbb E_{q(z_0 \mid x_{obs})}\big[\log p(x_{obs} \mid z_0) + \log p(x_{fut} \mid z_0)\big]
+        - \mathrm{KL}\big(q(z_0 \mid x_{obs}) \,\|\, p(z_0)\big),
+
+    a lower bound on :math:`\log p(x_{obs}, x_{fut})` (the KL β-weighted while annealing): the
+    short-horizon errors near :math:`t_0` teach the dynamics first, as in interpolation.
     """
     from pyro_seqlatent.data.irregular import IrregularDataset
 
