@@ -6,6 +6,7 @@ import contextlib
 import fcntl
 import json
 import os
+import re
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -37,3 +38,22 @@ def merge_rows(path: Path, new: list[dict], *, key: Callable[[dict], object] = l
         tmp.write_text(json.dumps(merged, indent=1, default=str))
         tmp.replace(path)
     return merged
+
+
+def check_tag(parser, tag: str) -> None:
+    """``parser.error`` unless ``tag`` (a ``--tag`` naming a variant row, used in folder and file
+    names) is empty or a plain name."""
+    if tag and not re.fullmatch(r"[A-Za-z0-9_.-]+", tag):
+        parser.error(f"--tag {tag!r}: use letters, digits, '_', '.', '-' only")
+
+
+def json_object(parser, flag: str, text: str, example: str) -> dict:
+    """``text`` (the value of ``flag``) parsed as a JSON object, or ``parser.error`` with
+    ``example`` as the fix."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        parser.error(f"{flag} is not JSON ({e}); e.g. {example}")
+    if not isinstance(value, dict):
+        parser.error(f"{flag} must be a JSON object, e.g. {example}")
+    return value

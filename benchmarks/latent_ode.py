@@ -34,6 +34,10 @@ once (logs under ``--out``/logs), e.g. the anchor-comparable hopper table on two
         --cells hopper:interp:0.1 hopper:interp:0.5 hopper:extrap:0.1 hopper:extrap:0.5 \\
         --models latent_ode ode_rnn rnn_dt --out benchmarks/results/latent_ode/hopper
 
+``--options '<json>' --tag NAME`` trains variants of the models (e.g. the reference's hopper
+widths ``'{"latent_dim": 15, "hidden_dim": 30, "ode_units": 300, "ode_layers": 4}'``) as rows
+``<model> [NAME]`` with their own run folders, beside the default rows and the same anchors.
+
 Rows of earlier commands with the same ``--out`` are kept (a re-run cell replaces its row; rows
 are keyed by dataset, task, fraction, model and protocol; rows written before the protocol
 field existed count as ``ours``). Rows are merged under a file lock when a cell finishes, so
@@ -47,6 +51,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -280,6 +285,37 @@ def cell_options(cell: dict, args) -> dict:
             **({"extrap_train": "all"} if prefix_trained(cell, args) else {})}
 
 
+def model_overrides(args) -> dict:
+    """The ``--options`` JSON: model settings (widths, solver, guide) for the trained rows."""
+    return json.loads(getattr(args, "options", "{}") or "{}")
+
+
+def check_model_overrides(parser, args) -> None:
+    """Reject, before any data loads, an ``--options`` that is not a JSON object of model
+    settings every trained model of the command accepts (data settings come from the cell and
+    the other flags), or a ``--tag`` that is not a plain name."""
+    overrides = _results.json_object(parser, "--options", args.options,
+                                     "'{\"latent_dim\": 15, \"ode_units\": 300}'")
+    _results.check_tag(parser, args.tag)
+    data_keys = sorted(set(overrides) & set(DATA_DEFAULTS))
+    if data_keys:
+        parser.error(f"--options {data_keys}: data settings come from --cells and the other "
+                     "flags, not --options")
+    for name in args.models:
+        if name == "persistence":
+            continue
+        spec = get_model("latent_ode" if name == "latent_ode_poisson" else name)
+        bad = sorted(set(overrides) - set(spec.defaults))
+        if bad:
+            parser.error(f"--options {bad}: model {name!r} has no such option(s); its "
+                         f"options: {sorted(set(spec.defaults) - set(DATA_DEFAULTS))}")
+    if overrides and not args.tag:
+        parser.error("--options changes the model: give the rows a --tag NAME, so that they "
+                     "stand beside the default rows instead of replacing them")
+    if overrides and args.speed:
+        parser.error("--speed measures the default models: drop --options")
+
+
 def prefix_trained(cell: dict, args) -> bool:
     """Whether the cell's models train on the observed prefix too (``--extrap-train all``)."""
     return cell["task"] == "extrap" and getattr(args, "extrap_train", "future") == "all"
@@ -295,7 +331,10 @@ def cell_command(cell: dict, name: str, args) -> str:
             f"{args.quantization} --n-records {args.n_records} "
             f"--batch-size {args.batch_size} --protocol {cell_protocol(cell, args)}"
             + (" --extrap-train all"
-               if prefix_trained(cell, args) and name != "persistence" else ""))
+               if prefix_trained(cell, args) and name != "persistence" else "")
+            + (f" --options {shlex.quote(args.options)}"
+               if name != "persistence" and model_overrides(args) else "")
+            + (f" --tag {args.tag}" if name != "persistence" and args.tag else ""))
 
 
 def anchor_for(cell: dict, label: str, protocol: str):
@@ -324,8 +363,12 @@ def run_cell(name, cell, args, out_dir: Path) -> tuple[dict, dict]:
     if prefix_trained(cell, args):  # a row of its own beside the future-trained one
         label += " (prefix too)"
     options = {k: v for k, v in options.items() if k in spec.defaults}
+    options.update(model_overrides(args))
     run_dir = run_dir_for(out_dir, cell,
-                          base_label + ("-prefix" if label != base_label else ""), protocol)
+                          base_label + ("-prefix" if label != base_label else "")
+                          + (f"+{args.tag}" if args.tag else ""), protocol)
+    if args.tag:  # a variant row beside the default one (same anchor)
+        label += f" [{args.tag}]"
     settings = dict(spec.train_defaults, num_steps=10**6, max_time_s=60 * args.minutes,
                     time_budget="process", batch_size=args.batch_size, progress=False,
                     valid_every=args.valid_every or None)
@@ -546,6 +589,7 @@ def run_in_processes(cells: list[dict], argv: list[str], args) -> None:
         while tasks and len(running) < args.jobs:
             cell, name = tasks.pop(0)
             variant = "-prefix" if args.extrap_train == "all" and ":extrap" in cell else ""
+            variant += f"+{args.tag}" if args.tag else ""
             log = open(logs / f"{cell.replace(':', '-')}-{name}{variant}.log", "w")
             cmd = [sys.executable, __file__, *base, "--cells", cell, "--models", name,
                    "--no-persistence", "--no-solve-bench"]
@@ -588,6 +632,13 @@ def main(argv=None):
                    help="extrapolation cells: train on the points after the split (as the "
                         "reference) or on the observed prefix too (rows labelled 'prefix "
                         "too'); the test score is the future either way")
+    p.add_argument("--options", default="{}",
+                   help="JSON model settings for the trained rows, e.g. the reference's hopper "
+                        "widths '{\"latent_dim\": 15, \"hidden_dim\": 30, \"ode_units\": 300, "
+                        "\"ode_layers\": 4}' (needs --tag)")
+    p.add_argument("--tag", default="",
+                   help="keep the rows as variants '<model> [TAG]' (own run folders, same "
+                        "anchor) beside the default rows")
     p.add_argument("--jobs", type=int, default=1,
                    help="train the (cell, model) pairs in this many single-threaded processes "
                         "at once (one per core; budgets are CPU seconds of each process)")
@@ -599,6 +650,7 @@ def main(argv=None):
     p.add_argument("--no-solve-bench", action="store_true")
     p.add_argument("--out", default="benchmarks/results/latent_ode")
     args = p.parse_args(argv)
+    check_model_overrides(p, args)
     cells = [parse_cell(text) for text in args.cells]
     if args.protocol != "ours" and any(c["dataset"] not in REFERENCE_DATASETS for c in cells):
         p.error(f"--protocol {args.protocol} is defined for hopper and physionet cells only")

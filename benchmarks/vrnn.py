@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import shlex
 import sys
 import time
@@ -83,20 +82,15 @@ def check_variant_args(parser, args) -> None:
 
     from pyro_seqlatent.infer.train import TrainConfig
 
-    try:
-        extra = json.loads(args.train_options)
-    except json.JSONDecodeError as e:
-        parser.error(f"--train-options is not JSON ({e}); e.g. '{{\"weight_decay\": 0.001}}'")
-    if not isinstance(extra, dict):
-        parser.error("--train-options must be a JSON object of training settings")
+    extra = _results.json_object(parser, "--train-options", args.train_options,
+                                 "'{\"weight_decay\": 0.001}'")
     known = {f.name for f in fields(TrainConfig)} - FIXED_TRAIN_SETTINGS
     bad = sorted(set(extra) - known)
     if bad:
         parser.error(f"--train-options: {bad} cannot be set here (budget, validation and seed "
                      f"come from --minutes/--valid-every/--patience/--seed, lr and batch size "
                      f"from --lr/--batch-size); allowed: {sorted(known)}")
-    if args.tag and not re.fullmatch(r"[A-Za-z0-9_.-]+", args.tag):
-        parser.error(f"--tag {args.tag!r}: use letters, digits, '_', '.', '-' only")
+    _results.check_tag(parser, args.tag)
 
 
 def table_order(r: dict) -> tuple:
