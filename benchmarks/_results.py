@@ -43,8 +43,9 @@ def merge_rows(path: Path, new: list[dict], *, key: Callable[[dict], object] = l
 def check_tag(parser, tag: str) -> None:
     """``parser.error`` unless ``tag`` (a ``--tag`` naming a variant row, used in folder and file
     names) is empty or a plain name."""
-    if tag and not re.fullmatch(r"[A-Za-z0-9_.-]+", tag):
-        parser.error(f"--tag {tag!r}: use letters, digits, '_', '.', '-' only")
+    if tag and not re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9_.-]*", tag):
+        parser.error(f"--tag {tag!r}: use letters, digits, '_', '.', '-' only, not starting "
+                     "with '.' or '-'")
 
 
 def json_object(parser, flag: str, text: str, example: str) -> dict:

@@ -36,7 +36,8 @@ once (logs under ``--out``/logs), e.g. the anchor-comparable hopper table on two
 
 ``--options '<json>' --tag NAME`` trains variants of the models (e.g. the reference's hopper
 widths ``'{"latent_dim": 15, "hidden_dim": 30, "ode_units": 300, "ode_layers": 4}'``) as rows
-``<model> [NAME]`` with their own run folders, beside the default rows and the same anchors.
+``<model> [NAME]`` with their own run folders (``...@NAME``), beside the default rows and the
+same anchors.
 
 Rows of earlier commands with the same ``--out`` are kept (a re-run cell replaces its row; rows
 are keyed by dataset, task, fraction, model and protocol; rows written before the protocol
@@ -88,6 +89,7 @@ REFERENCE_DATASETS = ("hopper", "physionet")  # those with a protocol="reference
 # squared errors in the reference's (x - min) / max units over ours, (x - min) / (max - min):
 # mean over the 14 hopper features of ((max - min) / max)^2, /tmp/hopper_protocol.md item 1
 HOPPER_UNIT_FACTOR = 4.1
+MODELS = ("latent_ode", "latent_ode_poisson", "ode_rnn", "rnn_dt", "persistence")
 REFERENCE_LATENT_SAMPLES = 3  # run_models.py: compute_loss_all_batches(..., n_traj_samples=3)
 
 ANCHORS = {  # paper values (MSE) = the reference implementation's protocol; see FIELD-NOTES
@@ -290,10 +292,22 @@ def model_overrides(args) -> dict:
     return json.loads(getattr(args, "options", "{}") or "{}")
 
 
-def check_model_overrides(parser, args) -> None:
+def _same_kind(default, value) -> bool:
+    """Whether ``value`` (from JSON) has the type of the option's ``default``."""
+    if isinstance(default, bool):
+        return isinstance(value, bool)
+    if isinstance(default, int):
+        return isinstance(value, int) and not isinstance(value, bool)
+    if isinstance(default, float):
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    return default is None or isinstance(value, type(default))
+
+
+def check_model_overrides(parser, args, cells: list[dict]) -> None:
     """Reject, before any data loads, an ``--options`` that is not a JSON object of model
-    settings every trained model of the command accepts (data settings come from the cell and
-    the other flags), or a ``--tag`` that is not a plain name."""
+    settings every trained model of the command accepts and can be built with (data settings
+    come from the cell and the other flags; the Poisson factor from ``--models
+    latent_ode_poisson``, so that the row gets its label and anchor), or a bad ``--tag``."""
     overrides = _results.json_object(parser, "--options", args.options,
                                      "'{\"latent_dim\": 15, \"ode_units\": 300}'")
     _results.check_tag(parser, args.tag)
@@ -301,6 +315,14 @@ def check_model_overrides(parser, args) -> None:
     if data_keys:
         parser.error(f"--options {data_keys}: data settings come from --cells and the other "
                      "flags, not --options")
+    if "poisson" in overrides:
+        parser.error("--options ['poisson']: use --models latent_ode_poisson (or latent_ode), "
+                     "which labels the row and picks its anchor")
+    if overrides and not args.tag:
+        parser.error("--options changes the model: give the rows a --tag NAME, so that they "
+                     "stand beside the default rows instead of replacing them")
+    if overrides and args.speed:
+        parser.error("--speed measures the default models: drop --options")
     for name in args.models:
         if name == "persistence":
             continue
@@ -309,11 +331,19 @@ def check_model_overrides(parser, args) -> None:
         if bad:
             parser.error(f"--options {bad}: model {name!r} has no such option(s); its "
                          f"options: {sorted(set(spec.defaults) - set(DATA_DEFAULTS))}")
-    if overrides and not args.tag:
-        parser.error("--options changes the model: give the rows a --tag NAME, so that they "
-                     "stand beside the default rows instead of replacing them")
-    if overrides and args.speed:
-        parser.error("--speed measures the default models: drop --options")
+        wrong = {k: v for k, v in overrides.items() if not _same_kind(spec.defaults[k], v)}
+        if wrong:
+            parser.error(f"--options {wrong}: give each the type of its default "
+                         f"{ {k: spec.defaults[k] for k in wrong} }")
+        if overrides and cells:  # builds the networks only (no data): a bad value fails here
+            options = {k: v for k, v in cell_options(cells[0], args).items()
+                       if k in spec.defaults}
+            try:
+                spec.build(spec.options(**options, **overrides,
+                                        **({"poisson": True} if name == "latent_ode_poisson"
+                                           else {})))
+            except (ValueError, TypeError, KeyError) as e:
+                parser.error(f"--options {overrides}: model {name!r} cannot be built ({e})")
 
 
 def prefix_trained(cell: dict, args) -> bool:
@@ -334,7 +364,7 @@ def cell_command(cell: dict, name: str, args) -> str:
                if prefix_trained(cell, args) and name != "persistence" else "")
             + (f" --options {shlex.quote(args.options)}"
                if name != "persistence" and model_overrides(args) else "")
-            + (f" --tag {args.tag}" if name != "persistence" and args.tag else ""))
+            + (f" --tag {shlex.quote(args.tag)}" if name != "persistence" and args.tag else ""))
 
 
 def anchor_for(cell: dict, label: str, protocol: str):
@@ -345,8 +375,10 @@ def anchor_for(cell: dict, label: str, protocol: str):
     return ANCHORS.get((cell["dataset"], cell["task"], label), {}).get(cell["fraction"])
 
 
-def run_dir_for(out_dir: Path, cell: dict, label: str, protocol: str) -> Path:
-    suffix = "" if protocol == "ours" else f"-{protocol}"
+def run_dir_for(out_dir: Path, cell: dict, label: str, protocol: str, tag: str = "") -> Path:
+    """A row's run folder; a ``--tag`` comes last after ``@``, which no model label holds, so a
+    variant never shares a folder with a default row."""
+    suffix = ("" if protocol == "ours" else f"-{protocol}") + (f"@{tag}" if tag else "")
     return out_dir / f"{cell['dataset']}-{cell['task']}-{cell['fraction']}-{label}{suffix}"
 
 
@@ -364,9 +396,8 @@ def run_cell(name, cell, args, out_dir: Path) -> tuple[dict, dict]:
         label += " (prefix too)"
     options = {k: v for k, v in options.items() if k in spec.defaults}
     options.update(model_overrides(args))
-    run_dir = run_dir_for(out_dir, cell,
-                          base_label + ("-prefix" if label != base_label else "")
-                          + (f"+{args.tag}" if args.tag else ""), protocol)
+    run_dir = run_dir_for(out_dir, cell, base_label + ("-prefix" if label != base_label else ""),
+                          protocol, args.tag)
     if args.tag:  # a variant row beside the default one (same anchor)
         label += f" [{args.tag}]"
     settings = dict(spec.train_defaults, num_steps=10**6, max_time_s=60 * args.minutes,
@@ -589,7 +620,7 @@ def run_in_processes(cells: list[dict], argv: list[str], args) -> None:
         while tasks and len(running) < args.jobs:
             cell, name = tasks.pop(0)
             variant = "-prefix" if args.extrap_train == "all" and ":extrap" in cell else ""
-            variant += f"+{args.tag}" if args.tag else ""
+            variant += f"@{args.tag}" if args.tag else ""
             log = open(logs / f"{cell.replace(':', '-')}-{name}{variant}.log", "w")
             cmd = [sys.executable, __file__, *base, "--cells", cell, "--models", name,
                    "--no-persistence", "--no-solve-bench"]
@@ -610,7 +641,7 @@ def run_in_processes(cells: list[dict], argv: list[str], args) -> None:
         print(f"[latent_ode bench] FAILED {cell} {name}: see {log}", file=sys.stderr)
 
 
-def main(argv=None):
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--minutes", type=float, default=20.0, help="training budget per cell")
     p.add_argument("--cells", nargs="+", default=["periodic:interp:0.5", "periodic:extrap"])
@@ -649,9 +680,17 @@ def main(argv=None):
                    help="skip the persistence row of each cell")
     p.add_argument("--no-solve-bench", action="store_true")
     p.add_argument("--out", default="benchmarks/results/latent_ode")
+    return p
+
+
+def main(argv=None):
+    p = build_parser()
     args = p.parse_args(argv)
-    check_model_overrides(p, args)
+    unknown = sorted(set(args.models) - set(MODELS))
+    if unknown:
+        p.error(f"--models {unknown}: use any of {list(MODELS)}")
     cells = [parse_cell(text) for text in args.cells]
+    check_model_overrides(p, args, cells)
     if args.protocol != "ours" and any(c["dataset"] not in REFERENCE_DATASETS for c in cells):
         p.error(f"--protocol {args.protocol} is defined for hopper and physionet cells only")
     out = Path(args.out)

@@ -2,6 +2,7 @@
 a row of its own beside the default row, and bad flags fail before any data loads."""
 
 import json
+import shlex
 
 import pytest
 
@@ -11,19 +12,37 @@ bench = load_benchmark("latent_ode")
 
 
 @pytest.mark.parametrize("flags, message", [
-    (["--options", '{"latent_dim": 15}'], "--tag"),
-    (["--options", '{"latent_dim": 15}', "--tag", "a b"], "--tag"),
+    (["--options", '{"latent_dim": 15}'], "give the rows a --tag"),
+    (["--options", '{"latent_dim": 15}', "--tag", "a b"], "use letters"),
+    (["--options", '{"latent_dim": 15}', "--tag=-x"], "use letters"),
     (["--options", '{"fraction": 0.2}', "--tag", "x"], "data settings"),
-    (["--options", '{"latent_dim": 15}', "--tag", "x", "--models", "ode_rnn"], "ode_rnn"),
+    (["--options", '{"poisson": true}', "--tag", "x"], "latent_ode_poisson"),
+    (["--options", '{"latent_dim": 15}', "--tag", "x", "--models", "ode_rnn"],
+     "model 'ode_rnn' has no such option"),
+    (["--options", '{"ode_layers": "4"}', "--tag", "x"], "type of its default"),
+    (["--options", '{"guide": "bogus"}', "--tag", "x"], "cannot be built"),
     (["--options", "[1]", "--tag", "x"], "JSON object"),
     (["--options", '{"latent_dim": }', "--tag", "x"], "not JSON"),
-    (["--options", '{"latent_dim": 15}', "--tag", "x", "--speed"], "--speed"),
+    (["--options", '{"latent_dim": 15}', "--tag", "x", "--speed"], "drop --options"),
+    (["--models", "latent_ode", "lstm"], "--models ['lstm']"),
 ])
-def test_bad_variant_flags_fail_before_any_data_loads(flags, message, tmp_path, capsys):
+def test_bad_variant_flags_fail_before_any_data_loads(flags, message, tmp_path, capsys,
+                                                      monkeypatch):
+    def no_data(*args, **kwargs):
+        raise AssertionError("data loaded before the flags were checked")
+
+    monkeypatch.setattr(bench, "system_datasets", no_data)
+    monkeypatch.setattr(bench, "train_system", no_data)
+    argv = ["--cells", "hopper:interp:0.1", "--out", str(tmp_path), *flags]
+    if "--models" not in flags:
+        argv += ["--models", "latent_ode"]
     with pytest.raises(SystemExit):
-        bench.main(["--models", "latent_ode", "--out", str(tmp_path), *flags])
+        bench.main(argv)
     assert message in capsys.readouterr().err
-    assert not (tmp_path / "results.json").exists()
+
+
+def _config(folder):
+    return json.loads((folder / "config.json").read_text())["options"]
 
 
 def test_a_tagged_variant_trains_the_changed_model_beside_the_default_row(tmp_path):
@@ -34,13 +53,26 @@ def test_a_tagged_variant_trains_the_changed_model_beside_the_default_row(tmp_pa
     bench.main(common + ["--options", '{"latent_dim": 3, "ode_units": 8}', "--tag", "narrow"])
     rows = {r["model"]: r for r in json.loads((tmp_path / "results.json").read_text())["rows"]}
     assert set(rows) == {"latent_ode", "latent_ode [narrow]"}
-    default, variant = rows["latent_ode"], rows["latent_ode [narrow]"]
+    variant = rows["latent_ode [narrow]"]
     assert variant["options"]["latent_dim"] == 3 and variant["options"]["ode_units"] == 8
-    assert default["options"].get("latent_dim") is None  # the default row kept its own model
-    assert "--tag narrow" in variant["command"] and "--options" in variant["command"]
-    assert (tmp_path / "periodic-interp-0.5-latent_ode+narrow" / "row.json").exists()
-    assert (tmp_path / "periodic-interp-0.5-latent_ode" / "row.json").exists()
-    config = json.loads((tmp_path / "periodic-interp-0.5-latent_ode+narrow" / "config.json")
-                        .read_text())
-    assert config["options"]["latent_dim"] == 3  # the trained model, not only the label
+    # each row trained its own networks, in its own folder
+    assert _config(tmp_path / "periodic-interp-0.5-latent_ode")["latent_dim"] == 10
+    assert _config(tmp_path / "periodic-interp-0.5-latent_ode@narrow")["latent_dim"] == 3
     assert "latent_ode [narrow]" in (tmp_path / "results.md").read_text()
+    # the printed command reproduces the variant
+    argv = shlex.split(variant["command"])[3:]  # after OMP_NUM_THREADS=1 python <script>
+    again = bench.build_parser().parse_args(argv)
+    assert json.loads(again.options) == {"latent_dim": 3, "ode_units": 8}
+    assert again.tag == "narrow" and again.models == ["latent_ode"]
+
+
+def test_tagged_prefix_rows_through_subprocesses_keep_their_options(tmp_path):
+    bench.main(["--minutes", "0.02", "--cells", "periodic:extrap:0.5", "--models", "latent_ode",
+                "--n-series", "30", "--valid-every", "0", "--no-persistence", "--no-solve-bench",
+                "--extrap-train", "all", "--jobs", "2", "--options", '{"latent_dim": 3}',
+                "--tag", "poisson", "--out", str(tmp_path)])
+    rows = json.loads((tmp_path / "results.json").read_text())["rows"]
+    assert [r["model"] for r in rows] == ["latent_ode (prefix too) [poisson]"]
+    folder = tmp_path / "periodic-extrap-0.5-latent_ode-prefix@poisson"
+    assert _config(folder)["latent_dim"] == 3 and _config(folder)["extrap_train"] == "all"
+    assert not (tmp_path / "periodic-extrap-0.5-latent_ode+poisson").exists()
