@@ -58,3 +58,24 @@ def json_object(parser, flag: str, text: str, example: str) -> dict:
     if not isinstance(value, dict):
         parser.error(f"{flag} must be a JSON object, e.g. {example}")
     return value
+
+
+def train_options(parser, text: str, fixed: set, fixed_hint: str) -> dict:
+    """``--train-options`` (``text``) as a dict of :class:`TrainConfig` fields, or
+    ``parser.error``: not a JSON object, a field the benchmark sets itself (``fixed``, which
+    flags set them: ``fixed_hint``), an unknown field or a value ``TrainConfig`` rejects."""
+    from dataclasses import fields
+
+    from pyro_seqlatent.infer.train import TrainConfig
+
+    extra = json_object(parser, "--train-options", text, "'{\"weight_decay\": 0.001}'")
+    known = {f.name for f in fields(TrainConfig)} - set(fixed)
+    bad = sorted(set(extra) - known)
+    if bad:
+        parser.error(f"--train-options: {bad} cannot be set here ({fixed_hint}); allowed: "
+                     f"{sorted(known)}")
+    try:
+        TrainConfig(**{"num_steps": 1, **extra}).validate()
+    except (TypeError, ValueError) as e:
+        parser.error(f"--train-options: {e}")
+    return extra

@@ -34,7 +34,8 @@ once (logs under ``--out``/logs), e.g. the anchor-comparable hopper table on two
         --cells hopper:interp:0.1 hopper:interp:0.5 hopper:extrap:0.1 hopper:extrap:0.5 \\
         --models latent_ode ode_rnn rnn_dt --out benchmarks/results/latent_ode/hopper
 
-``--options '<json>' --tag NAME`` trains variants of the models (e.g. the reference's hopper
+``--options '<json>' --tag NAME`` (model settings) and ``--train-options '<json>' --tag NAME``
+(TrainConfig fields) train variants of the models (e.g. the reference's hopper
 widths ``'{"latent_dim": 15, "hidden_dim": 30, "ode_units": 300, "ode_layers": 4}'``) as rows
 ``<model> [NAME]`` with their own run folders (``...@NAME``), beside the default rows and the
 same anchors.
@@ -89,6 +90,8 @@ REFERENCE_DATASETS = ("hopper", "physionet")  # those with a protocol="reference
 # squared errors in the reference's (x - min) / max units over ours, (x - min) / (max - min):
 # mean over the 14 hopper features of ((max - min) / max)^2, /tmp/hopper_protocol.md item 1
 HOPPER_UNIT_FACTOR = 4.1
+FIXED_TRAIN_SETTINGS = {"num_steps", "num_epochs", "max_time_s", "time_budget", "valid_every",
+                        "progress", "batch_size"}  # set by the benchmark's own flags
 MODELS = ("latent_ode", "latent_ode_poisson", "ode_rnn", "rnn_dt", "persistence")
 REFERENCE_LATENT_SAMPLES = 3  # run_models.py: compute_loss_all_batches(..., n_traj_samples=3)
 
@@ -318,11 +321,15 @@ def check_model_overrides(parser, args, cells: list[dict]) -> None:
     if "poisson" in overrides:
         parser.error("--options ['poisson']: use --models latent_ode_poisson (or latent_ode), "
                      "which labels the row and picks its anchor")
-    if overrides and not args.tag:
-        parser.error("--options changes the model: give the rows a --tag NAME, so that they "
-                     "stand beside the default rows instead of replacing them")
-    if overrides and args.speed:
-        parser.error("--speed measures the default models: drop --options")
+    training = _results.train_options(parser, args.train_options, FIXED_TRAIN_SETTINGS,
+                                      "the budget, validation and batch size come from "
+                                      "--minutes/--valid-every/--batch-size")
+    for flag, value in (("--options", overrides), ("--train-options", training)):
+        if value and not args.tag:
+            parser.error(f"{flag} changes the row: give the rows a --tag NAME, so that they "
+                         "stand beside the default rows instead of replacing them")
+    if (overrides or training) and args.speed:
+        parser.error("--speed measures the default models: drop --options / --train-options")
     for name in args.models:
         if name == "persistence":
             continue
@@ -364,6 +371,8 @@ def cell_command(cell: dict, name: str, args) -> str:
                if prefix_trained(cell, args) and name != "persistence" else "")
             + (f" --options {shlex.quote(args.options)}"
                if name != "persistence" and model_overrides(args) else "")
+            + (f" --train-options {shlex.quote(args.train_options)}"
+               if name != "persistence" and json.loads(args.train_options) else "")
             + (f" --tag {shlex.quote(args.tag)}" if name != "persistence" and args.tag else ""))
 
 
@@ -400,7 +409,8 @@ def run_cell(name, cell, args, out_dir: Path) -> tuple[dict, dict]:
                           protocol, args.tag)
     if args.tag:  # a variant row beside the default one (same anchor)
         label += f" [{args.tag}]"
-    settings = dict(spec.train_defaults, num_steps=10**6, max_time_s=60 * args.minutes,
+    settings = dict(spec.train_defaults, **json.loads(args.train_options),
+                    num_steps=10**6, max_time_s=60 * args.minutes,
                     time_budget="process", batch_size=args.batch_size, progress=False,
                     valid_every=args.valid_every or None)
     result, model, guide, datasets = train_system(spec.name, options, run_dir, **settings)
@@ -667,6 +677,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="JSON model settings for the trained rows, e.g. the reference's hopper "
                         "widths '{\"latent_dim\": 15, \"hidden_dim\": 30, \"ode_units\": 300, "
                         "\"ode_layers\": 4}' (needs --tag)")
+    p.add_argument("--train-options", default="{}",
+                   help="JSON training settings (TrainConfig fields) for the trained rows, e.g. "
+                        "the reference's Adamax with lr ×0.999 per step down to lr/10: "
+                        "'{\"optimizer\": \"adamax\", \"lr_schedule\": \"step\", "
+                        "\"lr_step_size\": 1, \"lr_decay\": 0.999, \"lr_min_factor\": 0.1}' "
+                        "(needs --tag)")
     p.add_argument("--tag", default="",
                    help="keep the rows as variants '<model> [TAG]' (own run folders, same "
                         "anchor) beside the default rows")

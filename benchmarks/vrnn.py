@@ -78,18 +78,9 @@ FIXED_TRAIN_SETTINGS = {"num_steps", "num_epochs", "max_time_s", "time_budget", 
 def check_variant_args(parser, args) -> None:
     """Reject a ``--train-options`` that is not a JSON object of :class:`TrainConfig` fields
     the benchmark leaves free, and a ``--tag`` that is not a plain name, before any data loads."""
-    from dataclasses import fields
-
-    from pyro_seqlatent.infer.train import TrainConfig
-
-    extra = _results.json_object(parser, "--train-options", args.train_options,
-                                 "'{\"weight_decay\": 0.001}'")
-    known = {f.name for f in fields(TrainConfig)} - FIXED_TRAIN_SETTINGS
-    bad = sorted(set(extra) - known)
-    if bad:
-        parser.error(f"--train-options: {bad} cannot be set here (budget, validation and seed "
-                     f"come from --minutes/--valid-every/--patience/--seed, lr and batch size "
-                     f"from --lr/--batch-size); allowed: {sorted(known)}")
+    _results.train_options(parser, args.train_options, FIXED_TRAIN_SETTINGS,
+                           "budget, validation and seed come from --minutes/--valid-every/"
+                           "--patience/--seed, lr and batch size from --lr/--batch-size")
     _results.check_tag(parser, args.tag)
 
 

@@ -25,6 +25,10 @@ bench = load_benchmark("latent_ode")
     (["--options", '{"latent_dim": }', "--tag", "x"], "not JSON"),
     (["--options", '{"latent_dim": 15}', "--tag", "x", "--speed"], "drop --options"),
     (["--models", "latent_ode", "lstm"], "--models ['lstm']"),
+    (["--train-options", '{"optimizer": "adamax"}'], "give the rows a --tag"),
+    (["--train-options", '{"num_steps": 5}', "--tag", "x"], "cannot be set here"),
+    (["--train-options", '{"lr_min_factor": 2}', "--tag", "x"], "lr_min_factor"),
+    (["--train-options", '{"optimizer": "lbfgs"}', "--tag", "x"], "optimizer"),
 ])
 def test_bad_variant_flags_fail_before_any_data_loads(flags, message, tmp_path, capsys,
                                                       monkeypatch):
@@ -50,7 +54,8 @@ def test_a_tagged_variant_trains_the_changed_model_beside_the_default_row(tmp_pa
               "--n-series", "30", "--valid-every", "0", "--no-persistence", "--no-solve-bench",
               "--out", str(tmp_path)]
     bench.main(common)
-    bench.main(common + ["--options", '{"latent_dim": 3, "ode_units": 8}', "--tag", "narrow"])
+    bench.main(common + ["--options", '{"latent_dim": 3, "ode_units": 8}', "--tag", "narrow",
+                         "--train-options", '{"optimizer": "adamax", "lr_min_factor": 0.1}'])
     rows = {r["model"]: r for r in json.loads((tmp_path / "results.json").read_text())["rows"]}
     assert set(rows) == {"latent_ode", "latent_ode [narrow]"}
     variant = rows["latent_ode [narrow]"]
@@ -59,11 +64,17 @@ def test_a_tagged_variant_trains_the_changed_model_beside_the_default_row(tmp_pa
     assert _config(tmp_path / "periodic-interp-0.5-latent_ode")["latent_dim"] == 10
     assert _config(tmp_path / "periodic-interp-0.5-latent_ode@narrow")["latent_dim"] == 3
     assert "latent_ode [narrow]" in (tmp_path / "results.md").read_text()
+    trained = json.loads((tmp_path / "periodic-interp-0.5-latent_ode@narrow"
+                          / "train_config.json").read_text())
+    assert trained["optimizer"] == "adamax" and trained["lr_min_factor"] == 0.1
+    assert json.loads((tmp_path / "periodic-interp-0.5-latent_ode" / "train_config.json")
+                      .read_text())["optimizer"] == "adam"
     # the printed command reproduces the variant
     argv = shlex.split(variant["command"])[3:]  # after OMP_NUM_THREADS=1 python <script>
     again = bench.build_parser().parse_args(argv)
     assert json.loads(again.options) == {"latent_dim": 3, "ode_units": 8}
     assert again.tag == "narrow" and again.models == ["latent_ode"]
+    assert json.loads(again.train_options) == {"optimizer": "adamax", "lr_min_factor": 0.1}
 
 
 def test_tagged_prefix_rows_through_subprocesses_keep_their_options(tmp_path):

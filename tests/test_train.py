@@ -396,3 +396,17 @@ def test_pyro_validation_switch_covers_steps_and_validation(monkeypatch):
               valid_every=1, pyro_validation=flag, progress=False, callbacks=[step_callback])
         assert {kind for kind, _ in seen} == {"step", "valid"}, seen
         assert all(v is flag for _, v in seen), seen
+
+
+def test_step_decay_with_a_floor_and_adamax_as_the_latent_ode_reference():
+    """lr_k = lr · max(decay^k, lr_min_factor) (the reference's per-step ×0.999 down to lr/10),
+    with Adamax; the recorded lr of step k is the one the step used."""
+    x = conjugate_data(n=8)
+    result = train(NormalNormal(), AffineNormalGuide(a=0.3), TensorData(x), num_steps=6,
+                   batch_size=8, optimizer="adamax", lr=0.1, lr_schedule="step", lr_step_size=1,
+                   lr_decay=0.5, lr_min_factor=0.1, progress=False)
+    lrs = [r["lr"] for r in result.history]
+    assert lrs == pytest.approx([0.1, 0.05, 0.025, 0.0125, 0.01, 0.01])
+    with pytest.raises(ValueError, match="lr_min_factor"):
+        train(NormalNormal(), AffineNormalGuide(a=0.3), TensorData(x), num_steps=1,
+              lr_min_factor=2.0, progress=False)

@@ -9,7 +9,8 @@ with any Pyro ELBO, a plain ``torch.optim`` optimizer over the parameters of the
 modules (and of Pyro's param store), mini-batches from a torch ``DataLoader``, and:
 
 * gradient-norm clipping applied *before* the optimizer step;
-* learning-rate schedules (``cosine``, ``exponential``, ``step``, linear warm-up);
+* learning-rate schedules (``cosine``, ``exponential``, ``step``, linear warm-up) with a floor
+  ``lr_min_factor``;
 * KL annealing: every latent (non-observed) site of model and guide is scaled by
   :math:`\beta_t \in [\beta_0, 1]` (a ``poutine.scale`` restricted to latent sites), so the loss
   is :math:`-\mathbb E_q[\log p(x\mid z)] + \beta_t\,\mathrm{KL}`;
@@ -106,6 +107,10 @@ class TrainConfig:
     lr_decay: float = 0.1
     lr_step_size: int = 1000
     lr_warmup_steps: int = 0
+    #: floor of the schedule: the learning rate never falls below ``lr_min_factor * lr``
+    #: (e.g. the Latent ODE reference: ``lr_schedule="step"``, ``lr_step_size=1``,
+    #: ``lr_decay=0.999``, ``lr_min_factor=0.1``)
+    lr_min_factor: float = 0.0
     clip_norm: float | None = None
     kl_anneal_steps: int = 0
     kl_anneal_start: float = 0.0
@@ -140,6 +145,9 @@ class TrainConfig:
             raise ValueError(f"lr must be a positive finite number, got {self.lr!r}")
         if self.clip_norm is not None and not self.clip_norm > 0:
             raise ValueError(f"clip_norm must be positive or None, got {self.clip_norm!r}")
+        if not 0.0 <= self.lr_min_factor <= 1.0:
+            raise ValueError(f"lr_min_factor must lie in [0, 1] (a fraction of lr), got "
+                             f"{self.lr_min_factor!r}")
         if self.lr_schedule not in (None, "none", "cosine", "exponential", "step"):
             raise ValueError(
                 f"lr_schedule={self.lr_schedule!r}: use None, 'cosine', 'exponential' or 'step'"
@@ -180,6 +188,7 @@ _OPTIMIZERS = {
     "adamw": torch.optim.AdamW,
     "sgd": torch.optim.SGD,
     "rmsprop": torch.optim.RMSprop,
+    "adamax": torch.optim.Adamax,  # the Latent ODE reference's optimizer
 }
 
 
@@ -272,14 +281,15 @@ def _make_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig, total_st
 
     def factor(step: int) -> float:  # step = number of optimizer steps taken so far
         f = 1.0
-        if warmup and step < warmup:
-            f *= (step + 1) / warmup
         if schedule == "cosine":
             f *= 0.5 * (1.0 + math.cos(math.pi * min(step, total_steps) / max(1, total_steps)))
         elif schedule == "exponential":
             f *= cfg.lr_decay ** (step / max(1, total_steps))
         elif schedule == "step":
             f *= cfg.lr_decay ** (step // max(1, cfg.lr_step_size))
+        f = max(f, cfg.lr_min_factor)
+        if warmup and step < warmup:
+            f *= (step + 1) / warmup
         return f
 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
@@ -673,6 +683,7 @@ def _train(model, guide, train_data, valid_data, collate_fn, run_dir, resume, ca
                     what = "the loss" if not math.isfinite(loss_value) else "the gradient norm"
                     raise TrainingDiverged(step, what, ckpt_path if last_ckpt_step else None,
                                            last_ckpt_step)
+                lr_used = optimizer.param_groups[0]["lr"]
                 optimizer.step()
                 scheduler.step()
                 for module in caches:
@@ -684,7 +695,7 @@ def _train(model, guide, train_data, valid_data, collate_fn, run_dir, resume, ca
                     "epoch": epoch + (offset + 1) / steps_per_epoch,
                     "loss": loss_value / n,
                     "grad_norm": norm_value,
-                    "lr": optimizer.param_groups[0]["lr"],
+                    "lr": lr_used,  # the step's, not the next one's
                     "kl_scale": beta,
                     "time_s": clock() - start_time,
                     "examples_per_s": n / max(time.perf_counter() - t0, 1e-9),
