@@ -60,10 +60,13 @@ def json_object(parser, flag: str, text: str, example: str) -> dict:
     return value
 
 
-def train_options(parser, text: str, fixed: set, fixed_hint: str) -> dict:
+def train_options(parser, text: str, fixed: set, fixed_hint: str,
+                  defaults: tuple = ({},)) -> dict:
     """``--train-options`` (``text``) as a dict of :class:`TrainConfig` fields, or
     ``parser.error``: not a JSON object, a field the benchmark sets itself (``fixed``, which
-    flags set them: ``fixed_hint``), an unknown field or a value ``TrainConfig`` rejects."""
+    flags set them: ``fixed_hint``), an unknown field, a schedule whose horizon is ``num_steps``
+    (these benchmarks stop on a time budget) or settings ``TrainConfig`` rejects once merged
+    over each of ``defaults`` (the trained models' own training defaults)."""
     from dataclasses import fields
 
     from pyro_seqlatent.infer.train import TrainConfig
@@ -74,8 +77,13 @@ def train_options(parser, text: str, fixed: set, fixed_hint: str) -> dict:
     if bad:
         parser.error(f"--train-options: {bad} cannot be set here ({fixed_hint}); allowed: "
                      f"{sorted(known)}")
-    try:
-        TrainConfig(**{"num_steps": 1, **extra}).validate()
-    except (TypeError, ValueError) as e:
-        parser.error(f"--train-options: {e}")
+    if extra.get("lr_schedule") in ("cosine", "exponential"):
+        parser.error(f"--train-options: lr_schedule={extra['lr_schedule']!r} spans num_steps, "
+                     "which a time budget leaves unreached; use 'step' (lr_step_size, lr_decay, "
+                     "lr_min_factor)")
+    for base in defaults:
+        try:
+            TrainConfig(**{**base, **extra, "num_steps": 1}).validate()
+        except (TypeError, ValueError) as e:
+            parser.error(f"--train-options: {e}")
     return extra

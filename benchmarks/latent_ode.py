@@ -321,9 +321,14 @@ def check_model_overrides(parser, args, cells: list[dict]) -> None:
     if "poisson" in overrides:
         parser.error("--options ['poisson']: use --models latent_ode_poisson (or latent_ode), "
                      "which labels the row and picks its anchor")
+    trained = [get_model("latent_ode" if name == "latent_ode_poisson" else name)
+               for name in args.models if name in MODELS and name != "persistence"]
     training = _results.train_options(parser, args.train_options, FIXED_TRAIN_SETTINGS,
                                       "the budget, validation and batch size come from "
-                                      "--minutes/--valid-every/--batch-size")
+                                      "--minutes/--valid-every/--batch-size",
+                                      defaults=tuple(spec.train_defaults for spec in trained))
+    if "early_stopping_patience" in training and not args.valid_every:
+        parser.error("--train-options early_stopping_patience needs validation: --valid-every N")
     for flag, value in (("--options", overrides), ("--train-options", training)):
         if value and not args.tag:
             parser.error(f"{flag} changes the row: give the rows a --tag NAME, so that they "

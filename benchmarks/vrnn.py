@@ -78,9 +78,12 @@ FIXED_TRAIN_SETTINGS = {"num_steps", "num_epochs", "max_time_s", "time_budget", 
 def check_variant_args(parser, args) -> None:
     """Reject a ``--train-options`` that is not a JSON object of :class:`TrainConfig` fields
     the benchmark leaves free, and a ``--tag`` that is not a plain name, before any data loads."""
+    rows = list(ROWS) if args.rows == "all" else args.rows.split(",")
     _results.train_options(parser, args.train_options, FIXED_TRAIN_SETTINGS,
                            "budget, validation and seed come from --minutes/--valid-every/"
-                           "--patience/--seed, lr and batch size from --lr/--batch-size")
+                           "--patience/--seed, lr and batch size from --lr/--batch-size",
+                           defaults=tuple(get_model(ROWS[r][0]).train_defaults
+                                          for r in rows if r in ROWS))
     _results.check_tag(parser, args.tag)
 
 

@@ -29,6 +29,12 @@ bench = load_benchmark("latent_ode")
     (["--train-options", '{"num_steps": 5}', "--tag", "x"], "cannot be set here"),
     (["--train-options", '{"lr_min_factor": 2}', "--tag", "x"], "lr_min_factor"),
     (["--train-options", '{"optimizer": "lbfgs"}', "--tag", "x"], "optimizer"),
+    (["--train-options", '{"elbo": "bogus"}', "--tag", "x"], "elbo='bogus'"),
+    # the Latent ODE's own defaults anneal the KL, which a JIT ELBO cannot
+    (["--train-options", '{"elbo": "JitTrace_ELBO"}', "--tag", "x"], "kl_anneal_steps=200"),
+    (["--train-options", '{"lr_schedule": "cosine"}', "--tag", "x"], "use 'step'"),
+    (["--train-options", '{"early_stopping_patience": 3}', "--tag", "x", "--valid-every", "0"],
+     "needs validation"),
 ])
 def test_bad_variant_flags_fail_before_any_data_loads(flags, message, tmp_path, capsys,
                                                       monkeypatch):

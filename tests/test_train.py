@@ -12,6 +12,7 @@ from torch.utils.data import TensorDataset
 
 from pyro_seqlatent.infer import ScaleLatents, TrainingDiverged, load_run, train
 from pyro_seqlatent.infer.checkpoint import load_checkpoint
+from pyro_seqlatent.infer.train import TrainConfig
 from pyro_seqlatent.models.conjugate import AffineNormalGuide, NormalNormal
 
 
@@ -407,6 +408,10 @@ def test_step_decay_with_a_floor_and_adamax_as_the_latent_ode_reference():
                    lr_decay=0.5, lr_min_factor=0.1, progress=False)
     lrs = [r["lr"] for r in result.history]
     assert lrs == pytest.approx([0.1, 0.05, 0.025, 0.0125, 0.01, 0.01])
+    with pytest.raises(ValueError, match="elbo='Trace_ELBOO'"):  # before any data is touched
+        TrainConfig(num_steps=1, elbo="Trace_ELBOO").validate()
+    with pytest.raises(ValueError, match="kl_anneal_steps"):
+        TrainConfig(num_steps=1, elbo="JitTrace_ELBO", kl_anneal_steps=5).validate()
     with pytest.raises(ValueError, match="lr_min_factor"):
         train(NormalNormal(), AffineNormalGuide(a=0.3), TensorData(x), num_steps=1,
               lr_min_factor=2.0, progress=False)

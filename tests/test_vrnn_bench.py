@@ -36,10 +36,12 @@ def test_variant_flags_are_checked_before_any_data_loads():
     import pytest
 
     parser = argparse.ArgumentParser()
-    ok = argparse.Namespace(train_options='{"weight_decay": 0.001}', tag="wd1e-3")
+    ok = argparse.Namespace(train_options='{"weight_decay": 0.001}', tag="wd1e-3",
+                            rows="jsb-vrnn")
     bench.check_variant_args(parser, ok)  # no error
     for train_options, tag in [('{"num_steps": 3}', ""), ('{"lr": 0.1}', ""),
-                               ('{"weight_decay": }', ""), ("[1]", ""), ("{}", "a/b")]:
+                               ('{"weight_decay": }', ""), ("[1]", ""), ("{}", "a/b"),
+                               ('{"lr_schedule": "cosine"}', ""), ('{"elbo": "bogus"}', "")]:
         with pytest.raises(SystemExit):
-            bench.check_variant_args(parser, argparse.Namespace(train_options=train_options,
-                                                                tag=tag))
+            bench.check_variant_args(parser, argparse.Namespace(
+                train_options=train_options, tag=tag, rows="jsb-vrnn"))

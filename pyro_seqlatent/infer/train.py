@@ -66,7 +66,7 @@ from pyro_seqlatent.infer.checkpoint import (
     rng_state,
     set_rng_state,
 )
-from pyro_seqlatent.infer.elbos import has_differentiable_loss, make_elbo
+from pyro_seqlatent.infer.elbos import ELBOS, has_differentiable_loss, make_elbo
 
 CHECKPOINT = "checkpoint.pt"
 BEST = "best.pt"
@@ -159,6 +159,22 @@ class TrainConfig:
                              "or 'process' (CPU seconds of this process)")
         if self.optimizer not in _OPTIMIZERS:
             raise ValueError(f"optimizer={self.optimizer!r} is not one of {sorted(_OPTIMIZERS)}")
+        if isinstance(self.elbo, str) and self.elbo not in ELBOS:
+            raise ValueError(f"elbo={self.elbo!r} is not one of {list(ELBOS)} nor a "
+                             "pyro.infer.ELBO")
+        elbo_name = self.elbo if isinstance(self.elbo, str) else type(self.elbo).__name__
+        if self.kl_anneal_steps > 0 and elbo_name.startswith("Jit"):
+            raise ValueError(
+                f"kl_anneal_steps={self.kl_anneal_steps} cannot be used with {elbo_name}: a JIT "
+                "ELBO compiles the model once and would freeze the annealing factor; use the "
+                "non-JIT ELBO or kl_anneal_steps=0"
+            )
+        if self.example_noise and elbo_name.startswith("Jit"):
+            raise ValueError(f"example_noise=True cannot be used with {elbo_name}: the compiled "
+                             "ELBO bypasses Pyro's handlers; use the non-JIT ELBO")
+        if torch.device(self.device).type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"device={self.device!r} was requested but "
+                             "torch.cuda.is_available() is False")
 
     def to_json(self) -> dict:
         out = asdict(self)
@@ -449,9 +465,7 @@ def _train(model, guide, train_data, valid_data, collate_fn, run_dir, resume, ca
             )
     if len(train_data) == 0:
         raise ValueError("train_data is empty")
-    device = torch.device(cfg.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device='cuda' was requested but torch.cuda.is_available() is False")
+    device = torch.device(cfg.device)  # cfg.validate() checked that CUDA is there if asked
     if ddp_tools.launched_with_many_processes():  # under torchrun: join the process group
         device = ddp_tools.init_distributed(device)
     rank, world_size = ddp_tools.world()
@@ -465,16 +479,6 @@ def _train(model, guide, train_data, valid_data, collate_fn, run_dir, resume, ca
     pyro.set_rng_seed(cfg.seed)
     elbo = make_elbo(cfg.elbo, **cfg.elbo_kwargs)
     differentiable = has_differentiable_loss(elbo)
-    jit = type(elbo).__name__.startswith("Jit")
-    if cfg.kl_anneal_steps > 0 and jit:
-        raise ValueError(
-            f"kl_anneal_steps={cfg.kl_anneal_steps} cannot be used with {type(elbo).__name__}: "
-            "a JIT ELBO compiles the model once and would freeze the annealing factor; use the "
-            "non-JIT ELBO or kl_anneal_steps=0"
-        )
-    if cfg.example_noise and jit:
-        raise ValueError(f"example_noise=True cannot be used with {type(elbo).__name__}: the "
-                         "compiled ELBO bypasses Pyro's handlers; use the non-JIT ELBO")
 
     sampler = ResumableSampler(train_data, cfg.shuffle, cfg.seed, cfg.drop_last)
     loader = DataLoader(
@@ -520,7 +524,7 @@ def _train(model, guide, train_data, valid_data, collate_fn, run_dir, resume, ca
         )
     opt_cls = _OPTIMIZERS[cfg.optimizer]
     opt_kwargs: dict[str, Any] = {"lr": cfg.lr, "weight_decay": cfg.weight_decay}
-    if cfg.optimizer in ("adam", "adamw"):
+    if cfg.optimizer in ("adam", "adamw", "adamax"):
         opt_kwargs["betas"] = tuple(cfg.betas)
     optimizer = opt_cls(params, **opt_kwargs)
     scheduler = _make_scheduler(optimizer, cfg, total_steps)
