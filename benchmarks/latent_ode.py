@@ -290,6 +290,12 @@ def cell_options(cell: dict, args) -> dict:
             **({"extrap_train": "all"} if prefix_trained(cell, args) else {})}
 
 
+def spec_for(name: str):
+    """The registered system a benchmark model name trains (``latent_ode_poisson`` is the
+    ``latent_ode`` system with ``poisson=True``)."""
+    return get_model("latent_ode" if name == "latent_ode_poisson" else name)
+
+
 def model_overrides(args) -> dict:
     """The ``--options`` JSON: model settings (widths, solver, guide) for the trained rows."""
     return json.loads(getattr(args, "options", "{}") or "{}")
@@ -321,8 +327,7 @@ def check_model_overrides(parser, args, cells: list[dict]) -> None:
     if "poisson" in overrides:
         parser.error("--options ['poisson']: use --models latent_ode_poisson (or latent_ode), "
                      "which labels the row and picks its anchor")
-    trained = [get_model("latent_ode" if name == "latent_ode_poisson" else name)
-               for name in args.models if name in MODELS and name != "persistence"]
+    trained = [spec_for(name) for name in args.models if name in MODELS and name != "persistence"]
     training = _results.train_options(parser, args.train_options, FIXED_TRAIN_SETTINGS,
                                       "the budget, validation and batch size come from "
                                       "--minutes/--valid-every/--batch-size",
@@ -338,7 +343,7 @@ def check_model_overrides(parser, args, cells: list[dict]) -> None:
     for name in args.models:
         if name == "persistence":
             continue
-        spec = get_model("latent_ode" if name == "latent_ode_poisson" else name)
+        spec = spec_for(name)
         bad = sorted(set(overrides) - set(spec.defaults))
         if bad:
             parser.error(f"--options {bad}: model {name!r} has no such option(s); its "
@@ -398,7 +403,7 @@ def run_dir_for(out_dir: Path, cell: dict, label: str, protocol: str, tag: str =
 
 def run_cell(name, cell, args, out_dir: Path) -> tuple[dict, dict]:
     """Train and score one model on one cell: ``(row, datasets)``."""
-    spec = get_model("latent_ode" if name == "latent_ode_poisson" else name)
+    spec = spec_for(name)
     protocol = cell_protocol(cell, args)
     options = cell_options(cell, args)
     label = name
