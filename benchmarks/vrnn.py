@@ -120,6 +120,8 @@ def run_row(row: str, args, data_cache: dict) -> dict:
                    early_stopping_patience=args.patience or None, **settings)
     if (run_dir / BEST).exists():
         restore_modules(run_dir / BEST, model, guide)
+    model.eval()  # dropout off for every score and figure below
+    guide.eval()
     test = data["test"]
     steps = test.num_steps()
     t0 = time.perf_counter()
@@ -302,6 +304,8 @@ def trained_rows(results: list[dict], args, dataset: str):
         pyro.clear_param_store()
         model, guide = get_model(r["system"]).build(r["options"])
         restore_modules(ckpt, model, guide)
+        model.eval()
+        guide.eval()
         yield r, model, guide
 
 

@@ -415,3 +415,41 @@ def test_step_decay_with_a_floor_and_adamax_as_the_latent_ode_reference():
     with pytest.raises(ValueError, match="lr_min_factor"):
         train(NormalNormal(), AffineNormalGuide(a=0.3), TensorData(x), num_steps=1,
               lr_min_factor=2.0, progress=False)
+
+
+class DropoutNormal(NormalNormal):
+    """NormalNormal whose observation mean goes through dropout: z in eval mode, z or 0 (×2)
+    in train mode, so a loss tells which mode the model ran in."""
+
+    def __init__(self):
+        super().__init__(noise=0.5)
+        self.drop = nn.Dropout(0.5)
+        self.frozen = nn.Dropout(0.5)  # a submodule the user put in eval mode on purpose
+        self.frozen.eval()
+
+    def forward(self, x):
+        with pyro.plate("data", x.shape[-1]):
+            z = pyro.sample("z", dist.Normal(x.new_zeros(()), self.prior_scale))
+            pyro.sample("x", dist.Normal(self.drop(z), self.noise), obs=x)
+        return z
+
+
+def test_validation_and_evaluation_run_in_eval_mode_and_restore_modes():
+    """The validation loss is the eval-mode (dropout-free) loss, which is the plain
+    NormalNormal's at the (barely moved) guide; steps run in train mode; every submodule gets
+    its own mode back (the frozen one stays in eval mode)."""
+    from pyro_seqlatent.infer import eval_mode, mean_loss
+
+    model, guide = DropoutNormal(), AffineNormalGuide(a=0.5, log_scale=-1.0)
+    x = conjugate_data(n=40)
+    seen = []
+    result = train(model, guide, TensorData(x), valid_data=TensorData(x), num_steps=1,
+                   batch_size=40, lr=1e-9, valid_every=1, progress=False,
+                   callbacks=[lambda record, m, g: seen.append(m.drop.training)])
+    assert seen == [True] and model.drop.training and not model.frozen.training
+    loader = torch.utils.data.DataLoader(TensorData(x), batch_size=40)
+    plain = mean_loss(NormalNormal(noise=0.5), guide, loader, pyro.infer.Trace_ELBO())
+    assert result.history[-1]["valid_loss"] == pytest.approx(plain, rel=1e-6)
+    with eval_mode(model, guide, print):  # non-modules are ignored
+        assert not model.training and not model.drop.training
+    assert model.training and model.drop.training and not model.frozen.training

@@ -154,6 +154,67 @@ def test_model_recomputes_after_a_conditioned_site():
     assert mt.log_prob_sum().item() == pytest.approx(mt_naive.log_prob_sum().item(), rel=1e-6)
 
 
+def _seeded_model_log_prob(model, guide_trace, batch, seed, data=None):
+    replayed = poutine.replay(model, trace=guide_trace)
+    if data is not None:
+        replayed = poutine.condition(replayed, data=data)
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        return poutine.trace(replayed).get_trace(**batch).log_prob_sum().item()
+
+
+def test_dropout_masks_are_shared_by_guide_and_model():
+    """With dropout, the model uses the guide's φ_x mask also when it recomputes the
+    recurrence (a conditioned z_t): the same log p as when it reuses the guide's states, which
+    a fresh φ_x mask would change. The decoder's own mask is drawn from the same RNG state."""
+    model, guide = build_vrnn(6, dropout=0.5, **SMALL)
+    batch = ragged_batch()
+    assert model.training and guide.training
+    pyro.set_rng_seed(0)
+    stash = []
+    trace = poutine.trace(guide).get_trace(**batch)
+    stash.append(model.core._guide_states)
+    reused = _seeded_model_log_prob(model, trace, batch, seed=11)
+    model.core.stash(stash[0])
+    z0 = trace.nodes["z_0"]["value"].clone()  # another tensor: recompute from step 0
+    recomputed = _seeded_model_log_prob(model, trace, batch, seed=11, data={"z_0": z0})
+    assert recomputed == pytest.approx(reused, rel=1e-6)
+    # the masks are real: a fresh φ_x mask (naive model) gives another value
+    model.core.reuse_guide_states = False
+    naive = _seeded_model_log_prob(model, trace, batch, seed=11)
+    assert abs(naive - reused) > 1e-3
+
+
+def test_dropout_is_off_in_eval_mode_and_evaluation_uses_eval_mode():
+    """eval(): the loss equals that of the same weights without dropout; log_marginal switches
+    to eval mode by itself and gives the modules their modes back."""
+    model, guide = build_vrnn(6, dropout=0.5, **SMALL)
+    plain_model, plain_guide = build_vrnn(6, **SMALL)
+    plain_model.load_state_dict(model.state_dict())
+    plain_guide.load_state_dict(guide.state_dict())
+    batch = ragged_batch()
+    train_loss = seeded_loss(Trace_ELBO(), model, guide, batch)
+    plain_loss = seeded_loss(Trace_ELBO(), plain_model, plain_guide, batch)
+    assert abs(train_loss - plain_loss) > 1e-3  # dropout acts in train mode
+    model.eval()
+    guide.eval()
+    assert seeded_loss(Trace_ELBO(), model, guide, batch) == pytest.approx(plain_loss, rel=1e-6)
+    model.train()
+    guide.train()
+    pyro.set_rng_seed(2)
+    est = log_marginal(model, guide, batch, num_samples=20)
+    pyro.set_rng_seed(2)
+    plain = log_marginal(plain_model, plain_guide, batch, num_samples=20)
+    assert torch.allclose(est.log_marginal, plain.log_marginal, rtol=1e-5)
+    assert model.training and guide.training and model.core.dropout.training
+
+
+def test_dropout_option_is_checked():
+    for bad in (1.0, -0.1, True, "0.2"):
+        with pytest.raises(ValueError, match="dropout must be a probability"):
+            build_vrnn(6, dropout=bad)
+
+
 def test_analytic_and_monte_carlo_kl_agree_in_expectation():
     model, guide = build_vrnn(6, **SMALL)
     batch = ragged_batch()

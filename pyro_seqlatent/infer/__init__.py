@@ -2,6 +2,7 @@
 
 from pyro_seqlatent.infer.elbos import ELBOS, DeviceTrace_ELBO, make_elbo
 from pyro_seqlatent.infer.evaluate import MarginalEstimate, evaluate, log_marginal
+from pyro_seqlatent.infer.modes import eval_mode
 from pyro_seqlatent.infer.run import Run, load_run
 from pyro_seqlatent.infer.train import (
     ScaleLatents,
@@ -21,6 +22,7 @@ __all__ = [
     "TrainConfig",
     "TrainResult",
     "TrainingDiverged",
+    "eval_mode",
     "evaluate",
     "load_run",
     "log_marginal",

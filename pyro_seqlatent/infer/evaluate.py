@@ -26,6 +26,7 @@ from pyro.poutine.util import site_is_subsample
 from torch.utils.data import DataLoader, Dataset
 
 from pyro_seqlatent.infer.batches import batch_args, to_device
+from pyro_seqlatent.infer.modes import eval_mode
 
 PARTICLE_PLATE = "_log_marginal_particles"
 
@@ -108,7 +109,15 @@ def log_marginal(
 
     Latent sites outside the batch plate must be point estimates: their guide site a ``Delta``
     (MAP/ML parameters); their terms are left out, giving :math:`\\log p(x\\mid\\hat\\theta)`.
+
+    ``nn.Module`` models and guides are scored in eval mode (dropout off), see
+    :func:`~pyro_seqlatent.infer.modes.eval_mode`.
     """
+    with eval_mode(model, guide):
+        return _log_marginal(model, guide, batch, num_samples, batch_plate, chunk_size)
+
+
+def _log_marginal(model, guide, batch, num_samples, batch_plate, chunk_size) -> MarginalEstimate:
     if not isinstance(num_samples, int) or num_samples < 1:
         raise ValueError(f"num_samples must be a positive integer, got {num_samples!r}")
     chunk = min(num_samples, chunk_size or 100)

@@ -67,6 +67,7 @@ from pyro_seqlatent.infer.checkpoint import (
     set_rng_state,
 )
 from pyro_seqlatent.infer.elbos import ELBOS, has_differentiable_loss, make_elbo
+from pyro_seqlatent.infer.modes import eval_mode
 
 CHECKPOINT = "checkpoint.pt"
 BEST = "best.pt"
@@ -371,10 +372,11 @@ def mean_loss(
     seed: int = 0,
 ) -> float:
     """Mean negative ELBO per data point over ``loader``, with a fixed noise seed (common random
-    numbers: two calls at the same parameters give the same value) and the global RNG untouched."""
+    numbers: two calls at the same parameters give the same value) and the global RNG untouched;
+    ``nn.Module`` model and guide in eval mode (dropout off), their modes restored after."""
     total, count = 0.0, 0
     devices = [torch.device(device)] if torch.device(device).type == "cuda" else []
-    with torch.random.fork_rng(devices=devices):
+    with torch.random.fork_rng(devices=devices), eval_mode(model, guide):
         torch.manual_seed(seed)  # Pyro draws from torch's RNG only; python/numpy untouched
         for i, batch in enumerate(loader):
             if max_batches is not None and i >= max_batches:
@@ -429,7 +431,10 @@ def train(
     """Train ``model``/``guide`` by SVI on ``train_data``; see :class:`TrainConfig` for options.
 
     :param model: a ``PyroModule`` or ``nn.Module`` whose ``forward`` is the Pyro model.
-    :param guide: the same for the guide (it may be an autoguide).
+    :param guide: the same for the guide (it may be an autoguide). Steps run in the modules'
+        own modes (fresh modules are in train mode: dropout on; a submodule the caller put in
+        eval mode stays there); validation runs in eval mode and gives each submodule its mode
+        back.
     :param train_data: a torch ``Dataset``; batches are fed as ``model(*batch)`` (tuple),
         ``model(**batch)`` (dict) or ``model(batch)``.
     :param valid_data: optional validation ``Dataset`` (every ``valid_every`` steps and at the

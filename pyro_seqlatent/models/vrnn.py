@@ -18,6 +18,13 @@ and the ELBO :math:`\sum_t m_t\,\mathbb E_q[\log p(x_t\mid z_t,h_{t-1})
 - \mathrm{KL}(q(z_t\mid\cdot)\,\|\,p(z_t\mid h_{t-1}))]`, where the mask :math:`m_t` removes padded
 steps from both the reconstruction and the KL.
 
+**Dropout** (``dropout=p > 0``, off by default and in eval mode): on the features
+:math:`\varphi^x(x_t)` (computed once by the guide and handed to the model, so model, guide and
+recurrence see the same mask) and on the decoder input :math:`[\varphi^z(z_t), h_{t-1}]`; never
+inside the recurrence. Training then maximises the ELBO averaged over dropout masks; held-out
+scores (:func:`~pyro_seqlatent.infer.evaluate`, validation in
+:func:`~pyro_seqlatent.infer.train`) run in eval mode.
+
 Pyro structure: both :class:`VRNNModel` and :class:`VRNNGuide` sample ``z_t`` as site
 ``"z_{t}"`` in ``for t in pyro.markov(range(T))`` inside the batch plate ``"data"`` (dim -1).
 The observed frames are one site ``"x"`` (batch ``(B,)``, the time axis folded into the event
@@ -186,6 +193,7 @@ class _GuideStates:
     final_state: object  # RNN state after the last step
     h_prev: torch.Tensor  # (..., B, T, H): h_{t-1}
     phi_z: torch.Tensor  # (..., B, T, F): φ_z(z_t)
+    phi_x: torch.Tensor  # (B, T, F): φ_x(x_t) after dropout (the guide's mask)
 
 
 class VRNNCore(nn.Module):
@@ -203,17 +211,22 @@ class VRNNCore(nn.Module):
     :param int num_components: mixture components (``"gmm"``).
     :param str prior: ``"learned"`` (VRNN) or ``"standard"`` (VRNN-I, :math:`\mathcal N(0,I)`).
     :param float min_scale: floor added to every standard deviation.
+    :param float dropout: dropout probability on :math:`\varphi^x(x_t)` and on the decoder
+        input (train mode only; see the module docstring).
     """
 
     def __init__(self, x_dim: int, z_dim: int = 16, h_dim: int = 64, feature_dim: int = 64,
                  hidden_dim: int = 64, num_layers: int = 1, rnn: str = "gru",
                  emission: str = "bernoulli", num_components: int = 20,
-                 prior: str = "learned", min_scale: float = 1e-3):
+                 prior: str = "learned", min_scale: float = 1e-3, dropout: float = 0.0):
         super().__init__()
         for name, value in (("x_dim", x_dim), ("z_dim", z_dim), ("h_dim", h_dim),
                             ("feature_dim", feature_dim), ("hidden_dim", hidden_dim)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
+        if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not (
+                0.0 <= dropout < 1.0):
+            raise ValueError(f"dropout must be a probability in [0, 1), got {dropout!r}")
         if prior not in ("learned", "standard"):
             raise ValueError(
                 f"prior must be 'learned' (VRNN) or 'standard' (VRNN-I), got {prior!r}"
@@ -228,6 +241,8 @@ class VRNNCore(nn.Module):
         self.emission = make_emission(emission, feature_dim + h_dim, x_dim, hidden,
                                       num_components, min_scale)
         self.rnn = RecurrentCell(rnn, 2 * feature_dim, h_dim)
+        # Identity at p = 0: no mask drawn, so default runs use the RNG exactly as before
+        self.dropout = nn.Dropout(float(dropout)) if dropout > 0 else nn.Identity()
         self._guide_states: _GuideStates | None = None
         #: reuse the guide's recurrence in the model (False: the naive VRNN that runs it twice)
         self.reuse_guide_states = True
@@ -241,9 +256,14 @@ class VRNNCore(nn.Module):
         loc, raw = self.prior_net(h).chunk(2, dim=-1)
         return loc, F.softplus(raw) + self.min_scale
 
+    def features_x(self, x: torch.Tensor) -> torch.Tensor:
+        """:math:`\\varphi^x(x)` after dropout, for ``x`` of shape ``(..., D)``."""
+        return self.dropout(self.phi_x(x))
+
     def emission_dist(self, phi_z: torch.Tensor, h_prev: torch.Tensor) -> dist.Distribution:
-        """:math:`p(x_t \\mid z_t, h_{t-1})` from :math:`[\\varphi^z(z_t), h_{t-1}]`."""
-        return self.emission(cat_broadcast(phi_z, h_prev))
+        """:math:`p(x_t \\mid z_t, h_{t-1})` from :math:`[\\varphi^z(z_t), h_{t-1}]` (after
+        dropout)."""
+        return self.emission(self.dropout(cat_broadcast(phi_z, h_prev)))
 
     def step(self, phi_x_t: torch.Tensor, phi_z_t: torch.Tensor, state):
         """:math:`h_t = f([\\varphi^x(x_t), \\varphi^z(z_t)], h_{t-1})`."""
@@ -330,7 +350,7 @@ class VRNNModel(nn.Module):
             prior_loc, prior_scale = loc_all.unbind(-2), scale_all.unbind(-2)
             steps = StepGroup(loc_all, scale_all, values=cached.z)  # log p(z_t | h) in one call
         else:
-            phi_x = core.phi_x(x_clean).unbind(-2)
+            phi_x = core.features_x(x_clean).unbind(-2)
             state = core.rnn.initial_state(x.shape[:1], x)
         h_prev, phi_z = [], []
         step_mask = _step_masks(mask)
@@ -345,7 +365,7 @@ class VRNNModel(nn.Module):
                     continue
                 # z_t is not the guide's: recompute the recurrence from step t on
                 reusing = False
-                phi_x = core.phi_x(x_clean).unbind(-2)
+                phi_x = cached.phi_x.unbind(-2)  # the guide's features (and dropout mask)
                 state = cached.states[t]
                 h_prev = list(cached.h_prev.unbind(-2)[:t])
                 phi_z = list(cached.phi_z.unbind(-2)[:t])
@@ -371,7 +391,7 @@ class VRNNModel(nn.Module):
             phi_z = core.phi_z(z)
             x_t = pyro.sample(f"x_{t}", core.emission_dist(phi_z, h))
             xs.append(x_t)
-            state = core.step(core.phi_x(x_t), phi_z, state)
+            state = core.step(core.features_x(x_t), phi_z, state)
         generated = _stack(xs)
         if not parts:
             return generated
@@ -409,7 +429,8 @@ class VRNNGuide(nn.Module):
             pyro.module("vrnn", core)
             pyro.module("vrnn_guide", self.site_guide)
         mask = check_padded_batch(x, mask, core.x_dim, "VRNNGuide")
-        phi_x = core.phi_x(_clean(x, mask)).unbind(-2)  # all steps in one call
+        phi_x_all = core.features_x(_clean(x, mask))  # all steps in one call
+        phi_x = phi_x_all.unbind(-2)
         state = core.rnn.initial_state(x.shape[:1], x)
         zs, states, h_prev, phi_z = [], [], [], []
         step_mask = _step_masks(mask)
@@ -430,7 +451,7 @@ class VRNNGuide(nn.Module):
                 state = core.step(phi_x[t], pz, state)
         if steps is not None:
             steps.set_values(zs)
-        core.stash(_GuideStates(x, zs, states, state, _stack(h_prev), _stack(phi_z)))
+        core.stash(_GuideStates(x, zs, states, state, _stack(h_prev), _stack(phi_z), phi_x_all))
 
 
 def build_vrnn(x_dim: int, *, guide: str = "meanfield", num_flows: int = 2,
@@ -508,7 +529,7 @@ def _build_from_options(options: dict):
         z_dim=options["z_dim"], h_dim=options["h_dim"], feature_dim=options["feature_dim"],
         hidden_dim=options["hidden_dim"], num_layers=options["num_layers"], rnn=options["rnn"],
         emission=resolve_emission(options), num_components=options["num_components"],
-        prior=options["prior"],
+        prior=options["prior"], dropout=options["dropout"],
     )
 
 
@@ -527,7 +548,7 @@ def _register() -> None:
         defaults={"dataset": "jsb", "emission": "auto", "guide": "meanfield", "num_flows": 2,
                   "z_dim": 32, "h_dim": 128, "feature_dim": 128, "hidden_dim": 128,
                   "num_layers": 1, "rnn": "gru", "num_components": 20, "prior": "learned",
-                  "max_sequences": 0, "generate_length": 50},
+                  "dropout": 0.0, "max_sequences": 0, "generate_length": 50},
         collate_fn=pad_collate,
         elbo="DeviceTrace_ELBO",  # Trace_ELBO without per-site host reads
         batch_plate="data",
