@@ -302,7 +302,8 @@ def trained_rows(results: list[dict], args, dataset: str):
         if r["options"]["dataset"] != dataset or ckpt is None:
             continue
         pyro.clear_param_store()
-        model, guide = get_model(r["system"]).build(r["options"])
+        spec = get_model(r["system"])  # rows stored before an option existed get its default
+        model, guide = spec.build(spec.options(**r["options"]))
         restore_modules(ckpt, model, guide)
         model.eval()
         guide.eval()

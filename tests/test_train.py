@@ -453,3 +453,14 @@ def test_validation_and_evaluation_run_in_eval_mode_and_restore_modes():
     with eval_mode(model, guide, print):  # non-modules are ignored
         assert not model.training and not model.drop.training
     assert model.training and model.drop.training and not model.frozen.training
+
+
+def test_a_jit_elbo_with_dropout_and_validation_data_is_refused():
+    """The compiled trace would keep train-mode dropout in validation: a clear error instead."""
+    x = conjugate_data(n=40)
+    with pytest.raises(ValueError, match="Dropout at drop.*Trace_ELBO"):
+        train(DropoutNormal(), AffineNormalGuide(), TensorData(x), valid_data=TensorData(x),
+              elbo="JitTrace_ELBO", num_steps=1, batch_size=40, progress=False)
+    # without validation data nothing is scored in eval mode: allowed
+    train(DropoutNormal(), AffineNormalGuide(), TensorData(x), elbo="JitTrace_ELBO",
+          num_steps=1, batch_size=40, progress=False)

@@ -45,3 +45,29 @@ def test_variant_flags_are_checked_before_any_data_loads():
         with pytest.raises(SystemExit):
             bench.check_variant_args(parser, argparse.Namespace(
                 train_options=train_options, tag=tag, rows="jsb-vrnn"))
+
+
+def test_rows_stored_before_an_option_existed_are_rebuilt_in_eval_mode(tmp_path):
+    """A results.json row without the (later) "dropout" option is rebuilt with its default for
+    the figures, from its checkpoint, in eval mode."""
+    import argparse
+
+    import torch
+
+    from pyro_seqlatent.infer.checkpoint import atomic_save
+    from pyro_seqlatent.infer.train import BEST
+    from pyro_seqlatent.registry import get_model
+
+    spec = get_model("vrnn")
+    options = spec.options(dataset="jsb", h_dim=4, feature_dim=4, hidden_dim=4, z_dim=2)
+    model, guide = spec.build(options)
+    (tmp_path / "jsb-vrnn").mkdir()
+    atomic_save({"model": model.state_dict(), "guide": guide.state_dict(),
+                 "state": {"step": 1}}, tmp_path / "jsb-vrnn" / BEST)
+    old = {k: v for k, v in options.items() if k != "dropout"}
+    rows = [{"row": "jsb-vrnn", "system": "vrnn", "options": old}]
+    built = list(bench.trained_rows(rows, argparse.Namespace(out=tmp_path), "jsb"))
+    assert len(built) == 1
+    _, m, g = built[0]
+    assert not m.training and not g.training
+    assert all(torch.equal(a, b) for a, b in zip(m.parameters(), model.parameters()))

@@ -29,6 +29,7 @@ from torch import nn
 from pyro_seqlatent.infer.batches import batch_args
 from pyro_seqlatent.infer.elbos import has_differentiable_loss
 from pyro_seqlatent.infer.estimators_elbos import clear_average_baselines
+from pyro_seqlatent.infer.modes import eval_mode
 from pyro_seqlatent.infer.train import train
 
 
@@ -314,7 +315,7 @@ def training_curve(
 
 
 def _eval_loss(model, guide, batch, elbo, seed: int) -> float:
-    with torch.random.fork_rng(devices=[]), torch.no_grad():
+    with torch.random.fork_rng(devices=[]), torch.no_grad(), eval_mode(model, guide):
         pyro.set_rng_seed(seed)
         args, kwargs = batch_args(batch)
         if has_differentiable_loss(elbo):

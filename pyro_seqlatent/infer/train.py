@@ -67,7 +67,7 @@ from pyro_seqlatent.infer.checkpoint import (
     set_rng_state,
 )
 from pyro_seqlatent.infer.elbos import ELBOS, has_differentiable_loss, make_elbo
-from pyro_seqlatent.infer.modes import eval_mode
+from pyro_seqlatent.infer.modes import eval_mode, mode_dependent_modules
 
 CHECKPOINT = "checkpoint.pt"
 BEST = "best.pt"
@@ -484,6 +484,12 @@ def _train(model, guide, train_data, valid_data, collate_fn, run_dir, resume, ca
     pyro.set_rng_seed(cfg.seed)
     elbo = make_elbo(cfg.elbo, **cfg.elbo_kwargs)
     differentiable = has_differentiable_loss(elbo)
+    moded = mode_dependent_modules(model, guide)
+    if moded and valid_data is not None and type(elbo).__name__.startswith("Jit"):
+        raise ValueError(
+            f"{type(elbo).__name__} compiles the train-mode behaviour of {moded[0]} into its "
+            "trace, so validation could not switch it off (eval mode); train with the non-JIT "
+            f"ELBO ({type(elbo).__name__[3:]}) or without dropout/batch norm")
 
     sampler = ResumableSampler(train_data, cfg.shuffle, cfg.seed, cfg.drop_last)
     loader = DataLoader(

@@ -20,10 +20,13 @@ steps from both the reconstruction and the KL.
 
 **Dropout** (``dropout=p > 0``, off by default and in eval mode): on the features
 :math:`\varphi^x(x_t)` (computed once by the guide and handed to the model, so model, guide and
-recurrence see the same mask) and on the decoder input :math:`[\varphi^z(z_t), h_{t-1}]`; never
-inside the recurrence. Training then maximises the ELBO averaged over dropout masks; held-out
-scores (:func:`~pyro_seqlatent.infer.evaluate`, validation in
-:func:`~pyro_seqlatent.infer.train`) run in eval mode.
+recurrence see the same mask) and on the decoder input :math:`[\varphi^z(z_t), h_{t-1}]`; not
+on the recurrent state. Training then maximises the ELBO averaged over dropout masks (with
+vectorized particles the φ_x mask is shared by the particles of a sequence, the decoder's is
+not); held-out scores (:func:`~pyro_seqlatent.infer.evaluate`, validation in
+:func:`~pyro_seqlatent.infer.train`) and :func:`forecast` run in eval mode. The naive model
+(``reuse_guide_states=False``) draws its own φ_x mask: a valid bound, but not the same
+estimator once ``dropout > 0``.
 
 Pyro structure: both :class:`VRNNModel` and :class:`VRNNGuide` sample ``z_t`` as site
 ``"z_{t}"`` in ``for t in pyro.markov(range(T))`` inside the batch plate ``"data"`` (dim -1).
@@ -244,7 +247,8 @@ class VRNNCore(nn.Module):
         # Identity at p = 0: no mask drawn, so default runs use the RNG exactly as before
         self.dropout = nn.Dropout(float(dropout)) if dropout > 0 else nn.Identity()
         self._guide_states: _GuideStates | None = None
-        #: reuse the guide's recurrence in the model (False: the naive VRNN that runs it twice)
+        #: reuse the guide's recurrence in the model (False: the naive VRNN that runs it twice;
+        #: equal values and gradients at dropout 0, its own φ_x dropout mask otherwise)
         self.reuse_guide_states = True
 
     def prior_params(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -481,13 +485,16 @@ def forecast(model: VRNNModel, guide: VRNNGuide, prefix: torch.Tensor, horizon: 
     :math:`t = P+1..P+H`.
 
     :param prefix: ``(B, P, D)`` observed prefixes (all steps observed unless ``mask``).
-    :returns: ``(num_samples, B, H, D)`` sampled continuations.
+    :returns: ``(num_samples, B, H, D)`` sampled continuations (in eval mode: no dropout).
     """
     from pyro import poutine
 
+    from pyro_seqlatent.infer.modes import eval_mode
+
     if horizon < 1:
         raise ValueError(f"horizon must be >= 1, got {horizon}")
-    with poutine.block(), pyro.plate("forecast_samples", num_samples, dim=-2):
+    with poutine.block(), pyro.plate("forecast_samples", num_samples, dim=-2), \
+            eval_mode(model, guide):
         guide_trace = poutine.trace(guide).get_trace(prefix, mask)
         full = poutine.replay(model, trace=guide_trace)(prefix, mask, horizon=horizon)
     full = full.expand((num_samples,) + full.shape[-3:])
