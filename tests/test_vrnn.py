@@ -213,6 +213,19 @@ def test_dropout_option_is_checked():
     for bad in (1.0, -0.1, True, "0.2"):
         with pytest.raises(ValueError, match="dropout must be a probability"):
             build_vrnn(6, dropout=bad)
+        with pytest.raises(ValueError, match="dropout must be a probability"):
+            build_rnn(6, dropout=bad)
+
+
+def test_rnn_baseline_dropout_acts_in_train_mode_only():
+    rnn, empty = build_rnn(6, h_dim=5, feature_dim=4, hidden_dim=8, dropout=0.5)
+    plain, _ = build_rnn(6, h_dim=5, feature_dim=4, hidden_dim=8)
+    plain.load_state_dict(rnn.state_dict())
+    batch = ragged_batch()
+    reference = seeded_loss(Trace_ELBO(), plain, empty, batch)
+    assert abs(seeded_loss(Trace_ELBO(), rnn, empty, batch) - reference) > 1e-3
+    rnn.eval()
+    assert seeded_loss(Trace_ELBO(), rnn, empty, batch) == pytest.approx(reference, rel=1e-6)
 
 
 def test_analytic_and_monte_carlo_kl_agree_in_expectation():

@@ -9,6 +9,8 @@ with the same emission heads as :mod:`pyro_seqlatent.models.vrnn` (Bernoulli, di
 K-component GMM). The model has no latent variables: its "ELBO" is the exact log-likelihood
 and the guide (:class:`EmptyGuide`) has no sites. The whole sequence runs through one
 ``nn.GRU``/``nn.LSTM`` call, and padded steps are masked out of the single observed site ``"x"``.
+``dropout=p`` drops features of :math:`\varphi^x(x_t)` and of the emission input
+:math:`h_{t-1}` in train mode, as the VRNN's.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import torch
 from torch import nn
 
 from pyro_seqlatent.data.sequences import check_padded_batch
-from pyro_seqlatent.models.vrnn import _stack, feature_net, make_emission
+from pyro_seqlatent.models.vrnn import _stack, feature_net, make_dropout, make_emission
 
 
 class RNNModel(nn.Module):
@@ -32,12 +34,14 @@ class RNNModel(nn.Module):
     :param int num_layers: hidden layers per MLP.
     :param str rnn: ``"gru"`` or ``"lstm"``.
     :param str emission: ``"bernoulli"``, ``"gaussian"`` or ``"gmm"``.
+    :param float dropout: dropout probability on :math:`\varphi^x(x_t)` and on the emission
+        input (train mode only).
     """
 
     def __init__(self, x_dim: int, h_dim: int = 64, feature_dim: int = 64, hidden_dim: int = 64,
                  num_layers: int = 1, rnn: str = "gru", emission: str = "bernoulli",
                  num_components: int = 20, min_scale: float = 1e-3,
-                 register_params: bool = False):
+                 register_params: bool = False, dropout: float = 0.0):
         super().__init__()
         hidden = (hidden_dim,) * num_layers
         self.x_dim, self.h_dim = int(x_dim), int(h_dim)
@@ -48,6 +52,7 @@ class RNNModel(nn.Module):
         self.seq_rnn = (nn.GRU if rnn == "gru" else nn.LSTM)(feature_dim, h_dim, batch_first=True)
         self.emission = make_emission(emission, h_dim, x_dim, hidden, num_components, min_scale)
         self.register_params = register_params
+        self.dropout = make_dropout(dropout)
 
     def forward(self, x: torch.Tensor | None = None, mask: torch.Tensor | None = None, *,
                 horizon: int = 0, length: int | None = None,
@@ -67,10 +72,10 @@ class RNNModel(nn.Module):
             raise ValueError(f"horizon must be >= 0, got {horizon}")
         x_clean = x.masked_fill(~mask.unsqueeze(-1), 0.0)
         with pyro.plate("data", x.shape[0], dim=-1):
-            out, last = self.seq_rnn(self.phi_x(x_clean))
+            out, last = self.seq_rnn(self.dropout(self.phi_x(x_clean)))
             h0 = x.new_zeros(x.shape[0], 1, self.h_dim)
             h_prev = torch.cat([h0, out[:, :-1]], dim=1)  # h_{t-1}
-            emission = self.emission(h_prev)  # batch (B, T)
+            emission = self.emission(self.dropout(h_prev))  # batch (B, T)
             pyro.sample("x", emission.mask(mask).to_event(1), obs=x_clean)
             if horizon == 0:
                 return x_clean
@@ -96,9 +101,9 @@ class RNNModel(nn.Module):
         xs = []
         for t in pyro.markov(range(start, start + steps)):
             h = state if self.rnn_kind == "gru" else state[0]
-            x_t = pyro.sample(f"x_{t}", self.emission(h))
+            x_t = pyro.sample(f"x_{t}", self.emission(self.dropout(h)))
             xs.append(x_t)
-            state = self._step(self.phi_x(x_t), state)
+            state = self._step(self.dropout(self.phi_x(x_t)), state)
         generated = _stack(xs)
         if prefix is None:
             return generated
@@ -129,6 +134,7 @@ def _build_from_options(options: dict):
         feature_dim=options["feature_dim"], hidden_dim=options["hidden_dim"],
         num_layers=options["num_layers"], rnn=options["rnn"],
         emission=resolve_emission(options), num_components=options["num_components"],
+        dropout=options["dropout"],
     )
 
 
@@ -143,7 +149,7 @@ def _register() -> None:
         datasets=sequence_datasets,
         defaults={"dataset": "jsb", "emission": "auto", "h_dim": 128, "feature_dim": 128,
                   "hidden_dim": 128, "num_layers": 1, "rnn": "gru", "num_components": 20,
-                  "max_sequences": 0, "generate_length": 50},
+                  "dropout": 0.0, "max_sequences": 0, "generate_length": 50},
         collate_fn=pad_collate,
         elbo="Trace_ELBO",
         batch_plate="data",

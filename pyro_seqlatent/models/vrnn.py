@@ -178,6 +178,14 @@ class RecurrentCell(nn.Module):
         return h.reshape(shape + (self.hidden_dim,)), c.reshape(shape + (self.hidden_dim,))
 
 
+def make_dropout(p: float) -> nn.Module:
+    """``nn.Dropout(p)``, or ``nn.Identity`` at ``p = 0`` (no mask drawn: default runs use the
+    random numbers exactly as without the option)."""
+    if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0.0 <= p < 1.0:
+        raise ValueError(f"dropout must be a probability in [0, 1), got {p!r}")
+    return nn.Dropout(float(p)) if p > 0 else nn.Identity()
+
+
 def feature_net(input_dim: int, hidden_dims: Sequence[int], output_dim: int) -> nn.Module:
     """φ feature extractor: an MLP followed by a ReLU (as the VRNN paper's φ_x, φ_z)."""
     return nn.Sequential(MLP(input_dim, hidden_dims, output_dim), nn.ReLU())
@@ -227,9 +235,6 @@ class VRNNCore(nn.Module):
                             ("feature_dim", feature_dim), ("hidden_dim", hidden_dim)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
-        if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not (
-                0.0 <= dropout < 1.0):
-            raise ValueError(f"dropout must be a probability in [0, 1), got {dropout!r}")
         if prior not in ("learned", "standard"):
             raise ValueError(
                 f"prior must be 'learned' (VRNN) or 'standard' (VRNN-I), got {prior!r}"
@@ -244,8 +249,7 @@ class VRNNCore(nn.Module):
         self.emission = make_emission(emission, feature_dim + h_dim, x_dim, hidden,
                                       num_components, min_scale)
         self.rnn = RecurrentCell(rnn, 2 * feature_dim, h_dim)
-        # Identity at p = 0: no mask drawn, so default runs use the RNG exactly as before
-        self.dropout = nn.Dropout(float(dropout)) if dropout > 0 else nn.Identity()
+        self.dropout = make_dropout(dropout)
         self._guide_states: _GuideStates | None = None
         #: reuse the guide's recurrence in the model (False: the naive VRNN that runs it twice;
         #: equal values and gradients at dropout 0, its own φ_x dropout mask otherwise)
