@@ -270,3 +270,29 @@ def test_extrap_train_all_scores_the_prefix_in_training_only():
         assert torch.equal(a["mask"], b["mask"])  # interpolation has no prefix to add
     with pytest.raises(ValueError, match="extrap_train must be one of"):
         system_datasets({**opts, "extrap_train": "prefix"})
+
+
+def test_reference_init_option_sets_every_linear_layer():
+    """init="normal": every Linear of model and guide N(0, 0.1²) with zero bias (the
+    reference's init_network_weights); "torch" leaves PyTorch's defaults; others are refused."""
+    from pyro_seqlatent.nn.init import init_linear_normal_
+    from pyro_seqlatent.registry import get_model
+
+    spec = get_model("latent_ode")
+    opts = dict(dataset="periodic", ode_units=300, ode_layers=2)
+    model, guide = spec.build(spec.options(init="normal", **opts))
+    linears = [m for root in (model, guide) for m in root.modules()
+               if isinstance(m, torch.nn.Linear)]
+    assert len(linears) >= 5
+    big = [m.weight for m in linears if m.weight.numel() >= 3000]
+    assert big and all(abs(float(w.std()) - 0.1) < 0.01 for w in big)
+    assert all(m.bias is None or not m.bias.any() for m in linears)
+    torch.manual_seed(0)
+    default_model, _ = spec.build(spec.options(**opts))
+    fan_in_300 = [m.weight for m in default_model.modules()
+                  if isinstance(m, torch.nn.Linear) and m.in_features == 300]
+    assert fan_in_300 and all(float(w.std()) < 0.04 for w in fan_in_300)  # U(±1/√300)
+    with pytest.raises(ValueError, match="init must be one of"):
+        spec.build(spec.options(init="xavier", **opts))
+    with pytest.raises(ValueError, match="std must be positive"):
+        init_linear_normal_(model, std=0.0)

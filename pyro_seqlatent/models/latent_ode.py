@@ -40,6 +40,7 @@ from torch import nn
 from pyro_seqlatent.data.irregular import compact_observed, validate_times
 from pyro_seqlatent.guides import FlowGuide, MeanFieldGuide, SiteGuide
 from pyro_seqlatent.nn import MLP
+from pyro_seqlatent.nn.init import apply_init
 from pyro_seqlatent.nn.ode import (
     ODEFunc,
     ODERNNCell,
@@ -102,7 +103,7 @@ class LatentODEModel(nn.Module):
     :param data_dim: ``D``. :param latent_dim: ``L``.
     :param ode_hidden_dims: hidden layers of the tanh MLP :math:`f_\theta`.
     :param decoder_hidden_dims: ``()`` = a Linear decoder (the reference).
-    :param obs_std: :math:`\sigma` (0.01 in the reference).
+    :param obs_std: :math:`\sigma` (the reference: 0.01, and 1e-3 on hopper).
     :param poisson: add the Poisson-process factor ``"poisson"``.
     :param poisson_rates: ``"per_feature"`` or ``"shared"``.
     :param method, rtol, atol, adjoint: torchdiffeq solver settings (dopri5, 1e-3, 1e-4).
@@ -381,6 +382,7 @@ def build_latent_ode(options: dict):
                            adjoint=options["adjoint"])
     guide = LatentODEGuide(d, latent, options["hidden_dim"], ode_hidden, guide=options["guide"],
                            num_flows=options["num_flows"])
+    apply_init(options["init"], model, guide)
     return model, guide
 
 
@@ -486,6 +488,7 @@ def _register():
             "atol": 1e-4,
             "adjoint": False,
             "obs_std": 0.01,
+            "init": "torch",
         },
         collate_fn=union_grid_collate,
         elbo="Trace_ELBO",
