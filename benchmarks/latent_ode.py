@@ -40,6 +40,10 @@ widths ``'{"latent_dim": 15, "hidden_dim": 30, "ode_units": 300, "ode_layers": 4
 ``<model> [NAME]`` with their own run folders (``...@NAME``), beside the default rows and the
 same anchors.
 
+Every row writes a checkpoint at each validation; a row cut short (a killed process, the end of
+a session) goes on with the same command plus ``--resume`` (``--minutes`` stays the total
+budget), and ends as the uninterrupted row would.
+
 Rows of earlier commands with the same ``--out`` are kept (a re-run cell replaces its row; rows
 are keyed by dataset, task, fraction, model and protocol; rows written before the protocol
 field existed count as ``ours``). Rows are merged under a file lock when a cell finishes, so
@@ -91,7 +95,8 @@ REFERENCE_DATASETS = ("hopper", "physionet")  # those with a protocol="reference
 # mean over the 14 hopper features of ((max - min) / max)^2, /tmp/hopper_protocol.md item 1
 HOPPER_UNIT_FACTOR = 4.1
 FIXED_TRAIN_SETTINGS = {"num_steps", "num_epochs", "max_time_s", "time_budget", "valid_every",
-                        "progress", "batch_size"}  # set by the benchmark's own flags
+                        "checkpoint_every", "progress",
+                        "batch_size"}  # set by the benchmark's own flags
 MODELS = ("latent_ode", "latent_ode_poisson", "ode_rnn", "rnn_dt", "persistence")
 REFERENCE_LATENT_SAMPLES = 3  # run_models.py: compute_loss_all_batches(..., n_traj_samples=3)
 
@@ -422,8 +427,10 @@ def run_cell(name, cell, args, out_dir: Path) -> tuple[dict, dict]:
     settings = dict(spec.train_defaults, **json.loads(args.train_options),
                     num_steps=10**6, max_time_s=60 * args.minutes,
                     time_budget="process", batch_size=args.batch_size, progress=False,
-                    valid_every=args.valid_every or None)
-    result, model, guide, datasets = train_system(spec.name, options, run_dir, **settings)
+                    valid_every=args.valid_every or None,
+                    checkpoint_every=args.valid_every or None)  # a cut row can --resume
+    result, model, guide, datasets = train_system(spec.name, options, run_dir,
+                                                  resume=args.resume, **settings)
     scored, scored_step = "last", result.step
     if args.valid_every and (run_dir / BEST).exists():  # the final step is validated too
         scored_step = restore_modules(run_dir / BEST, model, guide)["state"]["step"]
@@ -696,6 +703,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tag", default="",
                    help="keep the rows as variants '<model> [TAG]' (own run folders, same "
                         "anchor) beside the default rows")
+    p.add_argument("--resume", action="store_true",
+                   help="continue each row from its run folder's last checkpoint (written at "
+                        "every validation) instead of starting over; --minutes is the total "
+                        "budget of all sessions, and the row equals an uninterrupted one")
     p.add_argument("--jobs", type=int, default=1,
                    help="train the (cell, model) pairs in this many single-threaded processes "
                         "at once (one per core; budgets are CPU seconds of each process)")

@@ -18,7 +18,9 @@ waveforms of every trained row of the table, read back from the run folders; `--
 redraws them alone). Rows of earlier invocations are kept in the table
 (merged by row name when a row finishes, so several invocations may run at once). Per-sequence
 test log-likelihoods are kept, and a second table compares pairs of rows on the same test
-sequences: the mean per-sequence difference with its paired standard error.
+sequences: the mean per-sequence difference with its paired standard error. Every row writes a
+checkpoint at each validation, so a row cut short goes on with the same command plus
+``--resume`` (``--minutes`` stays the total budget).
 
     python benchmarks/vrnn.py --rows jsb-rnn,jsb-vrnn --minutes 3 --num-samples 500
     python benchmarks/vrnn.py --rows all --minutes 60            # the full table
@@ -72,7 +74,8 @@ def one_sample_test_elbo(model, guide, data, seed: int = 0, batch_size: int = 32
 
 #: set by the benchmark itself (budget, validation, data) or by their own flags
 FIXED_TRAIN_SETTINGS = {"num_steps", "num_epochs", "max_time_s", "time_budget", "valid_every",
-                        "progress", "seed", "early_stopping_patience", "lr", "batch_size"}
+                        "checkpoint_every", "progress", "seed", "early_stopping_patience", "lr",
+                        "batch_size"}
 
 
 def check_variant_args(parser, args) -> None:
@@ -117,6 +120,7 @@ def run_row(row: str, args, data_cache: dict) -> dict:
                    run_dir=run_dir, num_steps=10**8, max_time_s=60.0 * args.minutes,
                    time_budget="process",
                    valid_every=args.valid_every, progress=False, seed=args.seed,
+                   checkpoint_every=args.valid_every, resume=args.resume,  # a cut row resumes
                    early_stopping_patience=args.patience or None, **settings)
     if (run_dir / BEST).exists():
         restore_modules(run_dir / BEST, model, guide)
@@ -354,6 +358,10 @@ def main(argv=None):
     parser.add_argument("--tag", default="",
                         help="keep this run as a variant row '<row>+<tag>' beside the default "
                              "row (its own run folder and table line)")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue each row from its run folder's last checkpoint (written "
+                             "at every validation); --minutes is the total budget of all "
+                             "sessions, and the row equals an uninterrupted one")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/vrnn"))

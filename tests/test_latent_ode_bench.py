@@ -93,3 +93,21 @@ def test_tagged_prefix_rows_through_subprocesses_keep_their_options(tmp_path):
     folder = tmp_path / "periodic-extrap-0.5-latent_ode-prefix@poisson"
     assert _config(folder)["latent_dim"] == 3 and _config(folder)["extrap_train"] == "all"
     assert not (tmp_path / "periodic-extrap-0.5-latent_ode+poisson").exists()
+
+
+def test_a_cut_row_resumes_from_its_last_checkpoint(tmp_path):
+    """--resume continues the row's run folder (checkpoints at every validation) up to the
+    total --minutes, and the printed command does not carry the flag."""
+    common = ["--cells", "periodic:interp:0.5", "--models", "ode_rnn", "--n-series", "30",
+              "--valid-every", "2", "--no-persistence", "--no-solve-bench", "--out", str(tmp_path)]
+    bench.main(["--minutes", "0.01"] + common)
+    folder = tmp_path / "periodic-interp-0.5-ode_rnn"
+    first = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+    assert (folder / "checkpoint.pt").exists()
+    bench.main(["--minutes", "0.03", "--resume"] + common)
+    rows = json.loads((tmp_path / "results.json").read_text())["rows"]
+    assert len(rows) == 1 and rows[0]["steps"] > first[-1]["step"]
+    assert "--resume" not in rows[0]["command"]
+    steps = [json.loads(line)["step"]
+             for line in (folder / "metrics.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, len(steps) + 1))  # continued, not restarted
