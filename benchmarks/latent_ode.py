@@ -705,8 +705,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "anchor) beside the default rows")
     p.add_argument("--resume", action="store_true",
                    help="continue each row from its run folder's last checkpoint (written at "
-                        "every validation) instead of starting over; --minutes is the total "
-                        "budget of all sessions, and the row equals an uninterrupted one")
+                        "every validation; only at the end with --valid-every 0) instead of "
+                        "starting over; --minutes is the total budget of all sessions, the "
+                        "settings must be the row's own, and the row equals an uninterrupted one")
     p.add_argument("--jobs", type=int, default=1,
                    help="train the (cell, model) pairs in this many single-threaded processes "
                         "at once (one per core; budgets are CPU seconds of each process)")

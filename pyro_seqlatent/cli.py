@@ -119,6 +119,25 @@ def _train_parser(spec: ModelSpec) -> argparse.ArgumentParser:
     return parser
 
 
+def _check_resumed_options(run_dir: Path, name: str, options: dict) -> None:
+    """Resuming continues the same model on the same data: refuse other model options."""
+    from pyro_seqlatent.infer.train import CHECKPOINT
+
+    path = run_dir / RUN_CONFIG
+    if not (path.exists() and (run_dir / CHECKPOINT).exists()):
+        return  # nothing to continue: a fresh run
+    saved = json.loads(path.read_text())
+    new = json.loads(json.dumps(options, default=str))
+    old = saved.get("options", {})
+    changed = sorted(k for k in old if k in new and old[k] != new[k])
+    if saved.get("model", name) != name or changed:
+        diffs = ", ".join(f"{k}: {old[k]!r} -> {new[k]!r}" for k in changed)
+        raise ValueError(
+            f"resume: {run_dir} holds a {saved.get('model')!r} run with other options "
+            f"({diffs or 'another model'}); resume it with its own options (config.json) or "
+            "train in another folder")
+
+
 def train_system(
     name: str,
     options: dict | None = None,
@@ -143,6 +162,8 @@ def train_system(
     pyro.set_rng_seed(settings.get("seed", 0))
     datasets = spec.datasets(options, data_root)
     model, guide = spec.build(options)
+    if resume:
+        _check_resumed_options(run_dir, name, options)
     if int(os.environ.get("RANK", "0")) == 0:  # under torchrun only rank 0 writes
         (run_dir / RUN_CONFIG).write_text(json.dumps(
             {"model": name, "options": options, "data_root": data_root}, indent=2, default=str))

@@ -296,3 +296,14 @@ def test_reference_init_option_sets_every_linear_layer():
         spec.build(spec.options(init="xavier", **opts))
     with pytest.raises(ValueError, match="std must be positive"):
         init_linear_normal_(model, std=0.0)
+
+
+@pytest.mark.parametrize("flow", ["iaf", "real_nvp"])
+def test_reference_init_leaves_flow_guides_at_their_identity_start(flow):
+    from pyro_seqlatent.registry import get_model
+
+    spec = get_model("latent_ode")
+    _, guide = spec.build(spec.options(dataset="periodic", init="normal", guide=flow))
+    z, context = torch.randn(7, guide.site.latent_dim), torch.randn(7, guide.site.context_dim)
+    for f in guide.site.flows:
+        assert torch.allclose(f.condition(context)(z), z)

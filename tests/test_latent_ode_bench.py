@@ -104,6 +104,9 @@ def test_a_cut_row_resumes_from_its_last_checkpoint(tmp_path):
     folder = tmp_path / "periodic-interp-0.5-ode_rnn"
     first = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
     assert (folder / "checkpoint.pt").exists()
+    bench.main(["--minutes", "0.01", "--resume"] + common)  # the budget is spent: no step
+    rows = json.loads((tmp_path / "results.json").read_text())["rows"]
+    assert rows[0]["steps"] == first[-1]["step"]
     bench.main(["--minutes", "0.03", "--resume"] + common)
     rows = json.loads((tmp_path / "results.json").read_text())["rows"]
     assert len(rows) == 1 and rows[0]["steps"] > first[-1]["step"]
@@ -111,3 +114,6 @@ def test_a_cut_row_resumes_from_its_last_checkpoint(tmp_path):
     steps = [json.loads(line)["step"]
              for line in (folder / "metrics.jsonl").read_text().splitlines()]
     assert steps == list(range(1, len(steps) + 1))  # continued, not restarted
+    other_data = [("40" if a == "30" else a) for a in common]  # --n-series 40: other series
+    with pytest.raises(ValueError, match="n_series: 30 -> 40"):
+        bench.main(["--minutes", "0.05", "--resume"] + other_data)

@@ -464,3 +464,26 @@ def test_a_jit_elbo_with_dropout_and_validation_data_is_refused():
     # without validation data nothing is scored in eval mode: allowed
     train(DropoutNormal(), AffineNormalGuide(), TensorData(x), elbo="JitTrace_ELBO",
           num_steps=1, batch_size=40, progress=False)
+
+
+def test_resume_respects_a_spent_budget_and_refuses_other_settings(tmp_path):
+    """A budget-stopped run resumed with the same budget takes no step; a larger budget goes
+    on; another lr (which the restored optimizer state would silently override) is refused."""
+    x = conjugate_data(n=40)
+
+    def run(max_time_s, **extra):
+        pyro.clear_param_store()
+        kwargs = dict(num_steps=10**6, batch_size=8, lr=0.05, progress=False,
+                      max_time_s=max_time_s, time_budget="process", checkpoint_every=5)
+        kwargs.update(extra)
+        return train(NormalNormal(noise=0.5), AffineNormalGuide(), TensorData(x),
+                     run_dir=tmp_path, resume=True, **kwargs)
+
+    first = run(0.05)
+    assert first.stopped == "time_budget" and first.step > 0
+    again = run(0.05)
+    assert again.step == first.step and again.stopped == "time_budget"
+    longer = run(0.15)
+    assert longer.step > first.step
+    with pytest.raises(ValueError, match=r"lr: 0.05 -> 0.1"):
+        run(0.3, lr=0.1)

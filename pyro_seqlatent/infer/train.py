@@ -567,6 +567,7 @@ def _train(model, guide, train_data, valid_data, collate_fn, run_dir, resume, ca
                 raise ValueError(
                     f"the run in {run_path} measured its time budget in {saved_clock!r} seconds; "
                     f"resume it with time_budget={saved_clock!r} (got {cfg.time_budget!r})")
+            _check_resumed_config(ckpt.get("config"), cfg, run_path)
             _restore(ckpt, model, guide, optimizer, scheduler)
             state.update(ckpt["state"])
             last_ckpt_step = state["step"]
@@ -624,6 +625,8 @@ def _train(model, guide, train_data, valid_data, collate_fn, run_dir, resume, ca
         prefix = f"_seqlatent_train{next(_REGISTRATIONS)}"
         guide_fn = registering(guide, prefix, nn.ModuleDict({"model": model, "guide": guide}))
     stopped = state["stopped"]  # an early-stopped run stays stopped when resumed
+    if cfg.max_time_s is not None and state["elapsed"] >= cfg.max_time_s:
+        stopped = "time_budget"  # a resumed run whose budget is spent takes no further step
 
     def check_parameters(step: int) -> None:
         """Before anything is saved: a finite step can still produce inf parameters."""
@@ -785,6 +788,30 @@ def _train(model, guide, train_data, valid_data, collate_fn, run_dir, resume, ca
         wall_time_s=time.perf_counter() - wall_start,
         budget_time_s=clock() - start_time,
     )
+
+
+#: settings a resumed run may change: its length, budget and bookkeeping, not what it computes
+RESUMABLE_CHANGES = frozenset({"num_steps", "num_epochs", "max_time_s", "progress", "log_every",
+                               "checkpoint_every", "num_workers", "pyro_validation", "device",
+                               "early_stopping_patience", "early_stopping_min_delta"})
+
+
+def _check_resumed_config(saved: dict | None, cfg: TrainConfig, run_path) -> None:
+    """A resumed run must train as the run it continues: the same optimizer, lr, schedule,
+    batch size, seed, ELBO, annealing, validation...; only :data:`RESUMABLE_CHANGES` may differ.
+    (The restored optimizer state would otherwise silently override a new lr, and a new batch
+    size would misplace the run in its epoch.)"""
+    if not saved:
+        return
+    new = json.loads(json.dumps(cfg.to_json(), default=str))
+    old = json.loads(json.dumps(saved, default=str))
+    changed = sorted(k for k in set(new) | set(old)
+                     if k not in RESUMABLE_CHANGES and k in old and old.get(k) != new.get(k))
+    if changed:
+        diffs = ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in changed)
+        raise ValueError(
+            f"resume: the run in {run_path} was trained with other settings ({diffs}); resume "
+            "it with its own settings (train_config.json), or train a new run in another folder")
 
 
 def _batched_indices(sampler: ResumableSampler, size: int) -> list[list[int]]:
