@@ -228,6 +228,45 @@ def test_rnn_baseline_dropout_acts_in_train_mode_only():
     assert seeded_loss(Trace_ELBO(), rnn, empty, batch) == pytest.approx(reference, rel=1e-6)
 
 
+def test_smoothing_guide_reads_each_sequence_backwards_from_its_own_end():
+    """a_t equals a backward GRU run on each sequence alone (no padding); padded values do not
+    change the loss; a later frame changes q(z_t) of the smoothing guide only."""
+    from pyro_seqlatent.models.vrnn import reverse_within_lengths
+
+    model, guide = build_vrnn(6, smoothing=True, **SMALL)
+    batch = ragged_batch(lengths=(4, 2, 3))
+    x, mask = batch["x"], batch["mask"]
+    with torch.no_grad():
+        phi = model.core.features_x(x.masked_fill(~mask.unsqueeze(-1), 0.0))
+        future = guide._backward_states(phi, mask)
+        for b, n in enumerate((4, 2, 3)):
+            alone, _ = guide.backward_rnn(phi[b:b + 1, :n].flip(1))
+            expected = alone.flip(1)[0]  # a_t for t < n
+            got = torch.stack([future[t][b] for t in range(n)])
+            assert torch.allclose(got, expected, atol=1e-6)
+    lengths = mask.sum(-1)
+    assert torch.equal(reverse_within_lengths(reverse_within_lengths(x, lengths), lengths), x)
+    changed = {"x": x.clone(), "mask": mask}
+    changed["x"][~mask] = 1.0 - changed["x"][~mask]
+    for elbo in (Trace_ELBO(), TraceMeanField_ELBO()):
+        assert seeded_loss(elbo, model, guide, batch) == pytest.approx(
+            seeded_loss(elbo, model, guide, changed), rel=1e-6)
+
+    def q_loc_at_0(g, data):
+        trace = poutine.trace(g).get_trace(data, mask)
+        fn = trace.nodes["z_0"]["fn"]
+        return (fn.base_dist if isinstance(fn, dist.MaskedDistribution) else fn).mean
+    later = x.clone()
+    later[0, 2] = 1.0 - later[0, 2]  # frame 2 of sequence 0
+    assert not torch.allclose(q_loc_at_0(guide, x)[0], q_loc_at_0(guide, later)[0])
+    _, filtering = build_vrnn(6, **SMALL)
+    assert torch.allclose(q_loc_at_0(filtering, x)[0], q_loc_at_0(filtering, later)[0])
+    with pytest.raises(ValueError, match="prefix of every"):
+        holes = mask.clone()
+        holes[0, 1] = False
+        guide(x, holes)
+
+
 def test_analytic_and_monte_carlo_kl_agree_in_expectation():
     model, guide = build_vrnn(6, **SMALL)
     batch = ragged_batch()

@@ -14,6 +14,11 @@ For a sequence :math:`x_{1:T}` with latents :math:`z_{1:T}` and deterministic RN
     q(z_t \mid x_{\le t}, z_{<t}) &= q\bigl(z_t \mid [\varphi^{x}(x_t), h_{t-1}]\bigr)
         \quad(\text{diagonal Gaussian, or any } \texttt{SiteGuide}\text{, e.g. FlowGuide IAFs})
 
+**Smoothing guide** (``smoothing=True``): :math:`q(z_t \mid [\varphi^x(x_t), h_{t-1}, a_t])`
+with :math:`a_t = \overleftarrow{\mathrm{GRU}}(\varphi^x(x_T), \dots, \varphi^x(x_t))` run
+backwards from each sequence's own last step, so :math:`q(z_t)` sees :math:`x_{t:T}` (the
+structured guides of Krishnan et al. 2017 and Fraccaro et al. 2016); the model is unchanged.
+
 and the ELBO :math:`\sum_t m_t\,\mathbb E_q[\log p(x_t\mid z_t,h_{t-1})
 - \mathrm{KL}(q(z_t\mid\cdot)\,\|\,p(z_t\mid h_{t-1}))]`, where the mask :math:`m_t` removes padded
 steps from both the reconstruction and the KL.
@@ -407,24 +412,41 @@ class VRNNModel(nn.Module):
         return torch.cat([p.expand(shape + p.shape[-2:]) for p in (*parts, generated)], dim=-2)
 
 
+def reverse_within_lengths(x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    """``x`` (B, T, F) with each sequence's first ``lengths[b]`` steps in reverse order and its
+    padding left in place (an involution: applying it twice gives ``x`` back)."""
+    T = x.shape[1]
+    t = torch.arange(T, device=x.device)
+    index = torch.where(t < lengths[:, None], lengths[:, None] - 1 - t, t)  # (B, T)
+    return x.gather(1, index.unsqueeze(-1).expand_as(x))
+
+
 class VRNNGuide(nn.Module):
-    r"""The filtering guide :math:`q(z_t \mid [\varphi^x(x_t), h_{t-1}])`, one site per step.
+    r"""The filtering guide :math:`q(z_t \mid [\varphi^x(x_t), h_{t-1}])`, one site per step,
+    or with ``smoothing=True`` :math:`q(z_t \mid [\varphi^x(x_t), h_{t-1}, a_t])` where
+    :math:`a_t` is a backward GRU state that has read :math:`x_{t:T}` of the same sequence.
 
     :param core: the :class:`VRNNCore` shared with the model.
     :param site_guide: a :class:`~pyro_seqlatent.guides.site.SiteGuide` with
-        ``context_dim = feature_dim + h_dim`` and ``latent_dim = z_dim`` (default: a mean-field
-        Gaussian with one hidden layer); e.g. ``FlowGuide(..., flow="iaf")`` for IAFs per step.
+        ``context_dim = feature_dim + h_dim`` (``+ h_dim`` with ``smoothing``) and
+        ``latent_dim = z_dim`` (default: a mean-field Gaussian with one hidden layer); e.g.
+        ``FlowGuide(..., flow="iaf")`` for IAFs per step.
+    :param bool smoothing: add the backward GRU (its state size is ``h_dim``). Sequences must
+        be padded at the end only (a mask that is a prefix of every row).
     """
 
     def __init__(self, core: VRNNCore, site_guide: SiteGuide | None = None,
-                 register_params: bool = False):
+                 register_params: bool = False, smoothing: bool = False):
         super().__init__()
-        context_dim = core.feature_dim + core.h_dim
+        context_dim = core.feature_dim + core.h_dim * (2 if smoothing else 1)
+        self.backward_rnn = (nn.GRU(core.feature_dim, core.h_dim, batch_first=True)
+                             if smoothing else None)
         if site_guide is None:
             site_guide = MeanFieldGuide(context_dim, core.z_dim, (core.feature_dim,))
         if site_guide.context_dim != context_dim or site_guide.latent_dim != core.z_dim:
             raise ValueError(
-                f"site_guide must have context_dim={context_dim} (feature_dim + h_dim) and "
+                f"site_guide must have context_dim={context_dim} (feature_dim + h_dim"
+                f"{' + h_dim' if smoothing else ''}) and "
                 f"latent_dim={core.z_dim}, got {site_guide.context_dim}, {site_guide.latent_dim}"
             )
         self.core = core
@@ -439,6 +461,8 @@ class VRNNGuide(nn.Module):
         mask = check_padded_batch(x, mask, core.x_dim, "VRNNGuide")
         phi_x_all = core.features_x(_clean(x, mask))  # all steps in one call
         phi_x = phi_x_all.unbind(-2)
+        future = (self._backward_states(phi_x_all, mask) if self.backward_rnn is not None
+                  else None)
         state = core.rnn.initial_state(x.shape[:1], x)
         zs, states, h_prev, phi_z = [], [], [], []
         step_mask = _step_masks(mask)
@@ -447,7 +471,8 @@ class VRNNGuide(nn.Module):
         with pyro.plate("data", x.shape[0], dim=-1):
             for t in pyro.markov(range(x.shape[1])):
                 h = core.rnn.hidden(state)
-                context = cat_broadcast(phi_x[t], h)
+                context = (cat_broadcast(phi_x[t], h) if future is None
+                           else cat_broadcast(phi_x[t], h, future[t]))
                 q = (steps.member(*self.site_guide.loc_scale(context)) if steps is not None
                      else self.site_guide(context))
                 z = pyro.sample(f"z_{t}", _masked(q, step_mask[t]))
@@ -461,16 +486,29 @@ class VRNNGuide(nn.Module):
             steps.set_values(zs)
         core.stash(_GuideStates(x, zs, states, state, _stack(h_prev), _stack(phi_z), phi_x_all))
 
+    def _backward_states(self, phi_x: torch.Tensor, mask: torch.Tensor) -> list:
+        """:math:`a_t` for every step (a list of ``(B, H)``): one GRU call over each sequence
+        reversed within its own length, so every :math:`a_t` starts from that sequence's end."""
+        lengths = mask.sum(-1)
+        t = torch.arange(mask.shape[-1], device=mask.device)
+        if not torch.equal(mask, t < lengths[:, None]):
+            raise ValueError("VRNNGuide(smoothing=True): the mask must mark a prefix of every "
+                             "sequence (padding at the end only), as pad_collate makes it")
+        out, _ = self.backward_rnn(reverse_within_lengths(phi_x, lengths))
+        return reverse_within_lengths(out, lengths).unbind(-2)
+
 
 def build_vrnn(x_dim: int, *, guide: str = "meanfield", num_flows: int = 2,
-               register_params: bool = False, **core_options) -> tuple[VRNNModel, VRNNGuide]:
+               smoothing: bool = False, register_params: bool = False,
+               **core_options) -> tuple[VRNNModel, VRNNGuide]:
     """``(model, guide)`` sharing one :class:`VRNNCore(x_dim, **core_options)`;
     ``guide`` is ``"meanfield"`` (:class:`~pyro_seqlatent.guides.MeanFieldGuide`) or ``"iaf"``:
     the project's :class:`~pyro_seqlatent.guides.FlowGuide` with ``num_flows`` conditional IAFs
     (MADEs reading the context :math:`[\varphi^x(x_t), h_{t-1}]`), shared over time as in
-    Pyro's DMM; its Monte Carlo KL is used (no closed form)."""
+    Pyro's DMM; its Monte Carlo KL is used (no closed form). ``smoothing=True`` adds the backward
+    GRU to the guide (see :class:`VRNNGuide`)."""
     core = VRNNCore(x_dim, **core_options)
-    context_dim = core.feature_dim + core.h_dim
+    context_dim = core.feature_dim + core.h_dim * (2 if smoothing else 1)
     if guide == "meanfield":
         site = MeanFieldGuide(context_dim, core.z_dim, (core.feature_dim,))
     elif guide == "iaf":
@@ -478,7 +516,7 @@ def build_vrnn(x_dim: int, *, guide: str = "meanfield", num_flows: int = 2,
                          hidden_dims=(core.feature_dim,))
     else:
         raise ValueError(f"guide must be 'meanfield' or 'iaf', got {guide!r}")
-    return VRNNModel(core, register_params), VRNNGuide(core, site, register_params)
+    return VRNNModel(core, register_params), VRNNGuide(core, site, register_params, smoothing)
 
 
 @torch.no_grad()
@@ -540,7 +578,7 @@ def _build_from_options(options: dict):
         z_dim=options["z_dim"], h_dim=options["h_dim"], feature_dim=options["feature_dim"],
         hidden_dim=options["hidden_dim"], num_layers=options["num_layers"], rnn=options["rnn"],
         emission=resolve_emission(options), num_components=options["num_components"],
-        prior=options["prior"], dropout=options["dropout"],
+        prior=options["prior"], dropout=options["dropout"], smoothing=options["smoothing"],
     )
 
 
@@ -559,7 +597,7 @@ def _register() -> None:
         defaults={"dataset": "jsb", "emission": "auto", "guide": "meanfield", "num_flows": 2,
                   "z_dim": 32, "h_dim": 128, "feature_dim": 128, "hidden_dim": 128,
                   "num_layers": 1, "rnn": "gru", "num_components": 20, "prior": "learned",
-                  "dropout": 0.0, "max_sequences": 0, "generate_length": 50},
+                  "dropout": 0.0, "smoothing": False, "max_sequences": 0, "generate_length": 50},
         collate_fn=pad_collate,
         elbo="DeviceTrace_ELBO",  # Trace_ELBO without per-site host reads
         batch_plate="data",
