@@ -267,6 +267,19 @@ def test_smoothing_guide_reads_each_sequence_backwards_from_its_own_end():
         guide(x, holes)
 
 
+def test_smoothing_guide_registers_its_backward_rnn_for_svi():
+    pyro.clear_param_store()
+    model, guide = build_vrnn(6, smoothing=True, register_params=True, **SMALL)
+    svi = pyro.infer.SVI(model, guide, pyro.optim.Adam({"lr": 0.1}), Trace_ELBO())
+    before = guide.backward_rnn.weight_hh_l0.detach().clone()
+    svi.step(**ragged_batch())
+    assert any(name.startswith("vrnn_guide_backward") for name in pyro.get_param_store())
+    assert not torch.equal(before, guide.backward_rnn.weight_hh_l0)
+    with pytest.raises(ValueError, match="smoothing must be True or False"):
+        build_vrnn(6, smoothing="false")
+    pyro.clear_param_store()
+
+
 def test_analytic_and_monte_carlo_kl_agree_in_expectation():
     model, guide = build_vrnn(6, **SMALL)
     batch = ragged_batch()

@@ -438,6 +438,8 @@ class VRNNGuide(nn.Module):
     def __init__(self, core: VRNNCore, site_guide: SiteGuide | None = None,
                  register_params: bool = False, smoothing: bool = False):
         super().__init__()
+        if not isinstance(smoothing, bool):
+            raise ValueError(f"smoothing must be True or False, got {smoothing!r}")
         context_dim = core.feature_dim + core.h_dim * (2 if smoothing else 1)
         self.backward_rnn = (nn.GRU(core.feature_dim, core.h_dim, batch_first=True)
                              if smoothing else None)
@@ -458,6 +460,8 @@ class VRNNGuide(nn.Module):
         if self.register_params:
             pyro.module("vrnn", core)
             pyro.module("vrnn_guide", self.site_guide)
+            if self.backward_rnn is not None:
+                pyro.module("vrnn_guide_backward", self.backward_rnn)
         mask = check_padded_batch(x, mask, core.x_dim, "VRNNGuide")
         phi_x_all = core.features_x(_clean(x, mask))  # all steps in one call
         phi_x = phi_x_all.unbind(-2)
@@ -504,7 +508,8 @@ def build_vrnn(x_dim: int, *, guide: str = "meanfield", num_flows: int = 2,
     """``(model, guide)`` sharing one :class:`VRNNCore(x_dim, **core_options)`;
     ``guide`` is ``"meanfield"`` (:class:`~pyro_seqlatent.guides.MeanFieldGuide`) or ``"iaf"``:
     the project's :class:`~pyro_seqlatent.guides.FlowGuide` with ``num_flows`` conditional IAFs
-    (MADEs reading the context :math:`[\varphi^x(x_t), h_{t-1}]`), shared over time as in
+    (MADEs reading the guide's context, :math:`[\varphi^x(x_t), h_{t-1}]` and :math:`a_t` with
+    ``smoothing``), shared over time as in
     Pyro's DMM; its Monte Carlo KL is used (no closed form). ``smoothing=True`` adds the backward
     GRU to the guide (see :class:`VRNNGuide`)."""
     core = VRNNCore(x_dim, **core_options)
