@@ -805,8 +805,7 @@ def _check_resumed_config(saved: dict | None, cfg: TrainConfig, run_path) -> Non
         return
     new = json.loads(json.dumps(cfg.to_json(), default=str))
     old = json.loads(json.dumps(saved, default=str))
-    changed = sorted(k for k in set(new) | set(old)
-                     if k not in RESUMABLE_CHANGES and k in old and old.get(k) != new.get(k))
+    changed = sorted(k for k in old if k not in RESUMABLE_CHANGES and old[k] != new.get(k))
     if changed:
         diffs = ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in changed)
         raise ValueError(
