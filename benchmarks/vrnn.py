@@ -150,6 +150,9 @@ def run_row(row: str, args, data_cache: dict) -> dict:
         "command": f"python benchmarks/vrnn.py --rows {row} --minutes {args.minutes} "
                    f"--num-samples {args.num_samples}"
                    + (f" --lr {args.lr}" if args.lr != 1e-3 else "")
+                   + (f" --batch-size {args.batch_size}" if args.batch_size != 20 else "")
+                   + (f" --chunk-size {args.chunk_size}" if args.chunk_size != 100 else "")
+                   + (f" --seed {args.seed}" if args.seed else "")
                    + (f" --valid-every {args.valid_every}" if args.valid_every != 100 else "")
                    + (f" --patience {args.patience}" if args.patience else "")
                    + (f" --options {shlex.quote(args.options)}" if args.options != "{}" else "")
