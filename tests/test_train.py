@@ -277,6 +277,31 @@ def test_kl_annealing_inside_train_scales_the_first_step():
     assert result.history[0]["loss"] == pytest.approx(expected.item() / 16, rel=1e-5)
 
 
+@pytest.mark.parametrize("kw, expected", [
+    (dict(kl_anneal_end=0.25), [0.25, 0.25, 0.25]),  # constant weight: a beta-VAE objective
+    (dict(kl_anneal_steps=2, kl_anneal_start=0.0, kl_anneal_end=0.5), [0.25, 0.5, 0.5]),
+    (dict(kl_anneal_steps=2, kl_anneal_start=0.1), [0.55, 1.0, 1.0]),  # default end: the ELBO
+])
+def test_kl_anneal_end_is_the_weight_the_schedule_reaches_and_keeps(kw, expected):
+    x = conjugate_data(n=16)
+    model, guide = NormalNormal(), AffineNormalGuide(a=0.3)
+    result = train(model, guide, TensorData(x), num_steps=3, batch_size=16, shuffle=False,
+                   lr=1e-12, seed=5, progress=False, **kw)
+    assert [r["kl_scale"] for r in result.history] == pytest.approx(expected)
+    pyro.set_rng_seed(5)
+    beta = expected[0]
+    first = pyro.infer.Trace_ELBO().differentiable_loss(
+        ScaleLatents(beta)(NormalNormal()), ScaleLatents(beta)(AffineNormalGuide(a=0.3)), x)
+    assert result.history[0]["loss"] == pytest.approx(first.item() / 16, rel=1e-5)
+
+
+@pytest.mark.parametrize("bad", [-0.1, float("nan"), float("inf")])
+def test_a_negative_or_non_finite_kl_weight_is_refused(bad):
+    for name in ("kl_anneal_start", "kl_anneal_end"):
+        with pytest.raises(ValueError, match=name):
+            TrainConfig(num_steps=1, **{name: bad}).validate()
+
+
 def test_stale_files_early_stop_persistence_and_nan_validation(tmp_path):
     x = conjugate_data(n=40)
     kw = dict(num_steps=200, batch_size=10, lr=1e-12, valid_every=2, early_stopping_patience=3,

@@ -12,8 +12,11 @@ modules (and of Pyro's param store), mini-batches from a torch ``DataLoader``, a
 * learning-rate schedules (``cosine``, ``exponential``, ``step``, linear warm-up) with a floor
   ``lr_min_factor``;
 * KL annealing: every latent (non-observed) site of model and guide is scaled by
-  :math:`\beta_t \in [\beta_0, 1]` (a ``poutine.scale`` restricted to latent sites), so the loss
-  is :math:`-\mathbb E_q[\log p(x\mid z)] + \beta_t\,\mathrm{KL}`;
+  :math:`\beta_t = \beta_0 + (\beta_1 - \beta_0)\min(1, t / T)` (``kl_anneal_start``,
+  ``kl_anneal_end`` (default 1), ``kl_anneal_steps``; a ``poutine.scale`` restricted to latent
+  sites), so the loss is :math:`-\mathbb E_q[\log p(x\mid z)] + \beta_t\,\mathrm{KL}`; with
+  ``kl_anneal_steps=0`` the weight is :math:`\beta_1` throughout (``kl_anneal_end=0.01``: a
+  β-VAE objective). Validation always scores the ELBO itself (β = 1);
 * validation every N steps with common random numbers, early stopping on the validation loss;
 * atomic checkpoints and exact resumption (same loss curve as an uninterrupted run);
 * a guard that stops at the first non-finite loss or gradient, naming the step and the last good
@@ -115,6 +118,8 @@ class TrainConfig:
     clip_norm: float | None = None
     kl_anneal_steps: int = 0
     kl_anneal_start: float = 0.0
+    #: the KL weight the annealing ends at (and keeps), 1 for the ELBO itself
+    kl_anneal_end: float = 1.0
     valid_every: int | None = None
     valid_max_batches: int | None = None
     early_stopping_patience: int | None = None
@@ -153,8 +158,10 @@ class TrainConfig:
             raise ValueError(
                 f"lr_schedule={self.lr_schedule!r}: use None, 'cosine', 'exponential' or 'step'"
             )
-        if not 0.0 <= self.kl_anneal_start <= 1.0:
-            raise ValueError(f"kl_anneal_start must lie in [0, 1], got {self.kl_anneal_start}")
+        for name in ("kl_anneal_start", "kl_anneal_end"):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and 0.0 <= value and math.isfinite(value)):
+                raise ValueError(f"{name} must be a finite KL weight >= 0, got {value!r}")
         if self.time_budget not in ("wall", "process"):
             raise ValueError(f"time_budget={self.time_budget!r}: use 'wall' (wall-clock seconds) "
                              "or 'process' (CPU seconds of this process)")
@@ -313,10 +320,13 @@ def _make_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig, total_st
 
 
 def _kl_scale(cfg: TrainConfig, step: int) -> float:
+    r""":math:`\beta_t = \beta_0 + (\beta_1 - \beta_0)\min(1, t / T)`, :math:`\beta_1` when
+    :math:`T = 0`."""
+    end = float(cfg.kl_anneal_end)
     if cfg.kl_anneal_steps <= 0:
-        return 1.0
+        return end
     frac = min(1.0, step / cfg.kl_anneal_steps)
-    return cfg.kl_anneal_start + (1.0 - cfg.kl_anneal_start) * frac
+    return cfg.kl_anneal_start + (end - cfg.kl_anneal_start) * frac
 
 
 def _flow_caches(*modules: nn.Module) -> list[Any]:
