@@ -295,11 +295,37 @@ def test_kl_anneal_end_is_the_weight_the_schedule_reaches_and_keeps(kw, expected
     assert result.history[0]["loss"] == pytest.approx(first.item() / 16, rel=1e-5)
 
 
-@pytest.mark.parametrize("bad", [-0.1, float("nan"), float("inf")])
+@pytest.mark.parametrize("bad", [-0.1, float("nan"), float("inf"), "a"])
 def test_a_negative_or_non_finite_kl_weight_is_refused(bad):
     for name in ("kl_anneal_start", "kl_anneal_end"):
         with pytest.raises(ValueError, match=name):
             TrainConfig(num_steps=1, **{name: bad}).validate()
+
+
+def test_kl_weights_above_one_and_a_falling_schedule_are_allowed():
+    TrainConfig(num_steps=1, kl_anneal_start=2.0, kl_anneal_end=4.0).validate()
+    x = conjugate_data(n=16)
+    result = train(NormalNormal(), AffineNormalGuide(), TensorData(x), num_steps=3,
+                   batch_size=16, lr=1e-12, progress=False, kl_anneal_steps=2,
+                   kl_anneal_start=3.0, kl_anneal_end=1.0)
+    assert [r["kl_scale"] for r in result.history] == pytest.approx([2.0, 1.0, 1.0])
+
+
+def test_resuming_a_run_saved_before_a_setting_existed_compares_it_with_its_default(tmp_path):
+    """A checkpoint without ``kl_anneal_end`` was trained at the default weight 1: resuming it
+    with another weight must be refused, not silently change the objective mid-run."""
+    x = conjugate_data(n=16)
+    kw = dict(batch_size=8, lr=1e-3, progress=False, run_dir=tmp_path, checkpoint_every=1)
+    train(NormalNormal(), AffineNormalGuide(), TensorData(x), num_steps=2, **kw)
+    ckpt = torch.load(tmp_path / "checkpoint.pt", weights_only=False)
+    del ckpt["config"]["kl_anneal_end"]  # as written before the setting existed
+    torch.save(ckpt, tmp_path / "checkpoint.pt")
+    with pytest.raises(ValueError, match=r"kl_anneal_end: 1.0 -> 0.5"):
+        train(NormalNormal(), AffineNormalGuide(), TensorData(x), num_steps=4, resume=True,
+              kl_anneal_end=0.5, **kw)
+    resumed = train(NormalNormal(), AffineNormalGuide(), TensorData(x), num_steps=4,
+                    resume=True, **kw)
+    assert resumed.step == 4
 
 
 def test_stale_files_early_stop_persistence_and_nan_validation(tmp_path):
@@ -437,6 +463,8 @@ def test_step_decay_with_a_floor_and_adamax_as_the_latent_ode_reference():
         TrainConfig(num_steps=1, elbo="Trace_ELBOO").validate()
     with pytest.raises(ValueError, match="kl_anneal_steps"):
         TrainConfig(num_steps=1, elbo="JitTrace_ELBO", kl_anneal_steps=5).validate()
+    with pytest.raises(ValueError, match="kl_anneal_end=0.5"):  # would also score validation
+        TrainConfig(num_steps=1, elbo="JitTrace_ELBO", kl_anneal_end=0.5).validate()
     with pytest.raises(ValueError, match="lr_min_factor"):
         train(NormalNormal(), AffineNormalGuide(a=0.3), TensorData(x), num_steps=1,
               lr_min_factor=2.0, progress=False)

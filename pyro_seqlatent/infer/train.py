@@ -12,11 +12,13 @@ modules (and of Pyro's param store), mini-batches from a torch ``DataLoader``, a
 * learning-rate schedules (``cosine``, ``exponential``, ``step``, linear warm-up) with a floor
   ``lr_min_factor``;
 * KL annealing: every latent (non-observed) site of model and guide is scaled by
-  :math:`\beta_t = \beta_0 + (\beta_1 - \beta_0)\min(1, t / T)` (``kl_anneal_start``,
-  ``kl_anneal_end`` (default 1), ``kl_anneal_steps``; a ``poutine.scale`` restricted to latent
-  sites), so the loss is :math:`-\mathbb E_q[\log p(x\mid z)] + \beta_t\,\mathrm{KL}`; with
-  ``kl_anneal_steps=0`` the weight is :math:`\beta_1` throughout (``kl_anneal_end=0.01``: a
-  β-VAE objective). Validation always scores the ELBO itself (β = 1);
+  :math:`\beta_t = \beta_\mathrm{start} + (\beta_\mathrm{end} - \beta_\mathrm{start})
+  \min(1, t / T)` at step :math:`t = 1, 2, \dots` (``kl_anneal_start``, ``kl_anneal_end``
+  (default 1), ``kl_anneal_steps``; a ``poutine.scale`` restricted to latent sites), so the loss
+  is :math:`-\mathbb E_q[\log p(x\mid z)] + \beta_t\,\mathrm{KL}`; with ``kl_anneal_steps=0``
+  the weight is :math:`\beta_\mathrm{end}` throughout (``kl_anneal_end=0.01``: a β-VAE
+  objective; 0 drops the KL and lets the guide's scale collapse). Validation always scores the
+  ELBO itself (β = 1);
 * validation every N steps with common random numbers, early stopping on the validation loss;
 * atomic checkpoints and exact resumption (same loss curve as an uninterrupted run);
 * a guard that stops at the first non-finite loss or gradient, naming the step and the last good
@@ -50,7 +52,7 @@ import math
 import os
 import time
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -160,7 +162,11 @@ class TrainConfig:
             )
         for name in ("kl_anneal_start", "kl_anneal_end"):
             value = getattr(self, name)
-            if not (isinstance(value, (int, float)) and 0.0 <= value and math.isfinite(value)):
+            try:
+                ok = math.isfinite(float(value)) and float(value) >= 0.0
+            except (TypeError, ValueError):
+                ok = False
+            if not ok:
                 raise ValueError(f"{name} must be a finite KL weight >= 0, got {value!r}")
         if self.time_budget not in ("wall", "process"):
             raise ValueError(f"time_budget={self.time_budget!r}: use 'wall' (wall-clock seconds) "
@@ -171,11 +177,13 @@ class TrainConfig:
             raise ValueError(f"elbo={self.elbo!r} is not one of {list(ELBOS)} nor a "
                              "pyro.infer.ELBO")
         elbo_name = self.elbo if isinstance(self.elbo, str) else type(self.elbo).__name__
-        if self.kl_anneal_steps > 0 and elbo_name.startswith("Jit"):
+        if (self.kl_anneal_steps > 0 or float(self.kl_anneal_end) != 1.0) \
+                and elbo_name.startswith("Jit"):
             raise ValueError(
-                f"kl_anneal_steps={self.kl_anneal_steps} cannot be used with {elbo_name}: a JIT "
-                "ELBO compiles the model once and would freeze the annealing factor; use the "
-                "non-JIT ELBO or kl_anneal_steps=0"
+                f"kl_anneal_steps={self.kl_anneal_steps}, kl_anneal_end={self.kl_anneal_end} "
+                f"cannot be used with {elbo_name}: a JIT ELBO compiles the model once, so it "
+                "would freeze the KL weight and score validation with it too; use the non-JIT "
+                "ELBO, or kl_anneal_steps=0 and kl_anneal_end=1 (the ELBO)"
             )
         if self.example_noise and elbo_name.startswith("Jit"):
             raise ValueError(f"example_noise=True cannot be used with {elbo_name}: the compiled "
@@ -320,8 +328,8 @@ def _make_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig, total_st
 
 
 def _kl_scale(cfg: TrainConfig, step: int) -> float:
-    r""":math:`\beta_t = \beta_0 + (\beta_1 - \beta_0)\min(1, t / T)`, :math:`\beta_1` when
-    :math:`T = 0`."""
+    r""":math:`\beta_t = \beta_\mathrm{start} + (\beta_\mathrm{end} - \beta_\mathrm{start})
+    \min(1, t / T)`, and :math:`\beta_\mathrm{end}` at every step when :math:`T = 0`."""
     end = float(cfg.kl_anneal_end)
     if cfg.kl_anneal_steps <= 0:
         return end
@@ -806,6 +814,17 @@ RESUMABLE_CHANGES = frozenset({"num_steps", "num_epochs", "max_time_s", "progres
                                "early_stopping_patience", "early_stopping_min_delta"})
 
 
+def _default_settings() -> dict:
+    """The default value of every :class:`TrainConfig` field that has one."""
+    out = {}
+    for f in fields(TrainConfig):
+        if f.default is not MISSING:
+            out[f.name] = f.default
+        elif f.default_factory is not MISSING:
+            out[f.name] = f.default_factory()
+    return out
+
+
 def _check_resumed_config(saved: dict | None, cfg: TrainConfig, run_path) -> None:
     """A resumed run must train as the run it continues: the same optimizer, lr, schedule,
     batch size, seed, ELBO, annealing, validation...; only :data:`RESUMABLE_CHANGES` may differ.
@@ -814,7 +833,9 @@ def _check_resumed_config(saved: dict | None, cfg: TrainConfig, run_path) -> Non
     if not saved:
         return
     new = json.loads(json.dumps(cfg.to_json(), default=str))
-    old = json.loads(json.dumps(saved, default=str))
+    # a setting the saved run predates had its default value then (the behaviour before the
+    # setting existed), so it is compared against that default
+    old = json.loads(json.dumps({**_default_settings(), **saved}, default=str))
     changed = sorted(k for k in old if k not in RESUMABLE_CHANGES and old[k] != new.get(k))
     if changed:
         diffs = ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in changed)
