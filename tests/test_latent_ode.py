@@ -307,3 +307,38 @@ def test_reference_init_leaves_flow_guides_at_their_identity_start(flow):
     z, context = torch.randn(7, guide.site.latent_dim), torch.randn(7, guide.site.context_dim)
     for f in guide.site.flows:
         assert torch.allclose(f.condition(context)(z), z)
+
+
+def test_training_records_each_steps_function_evaluations_of_model_and_guide():
+    """``train`` logs the NFE of each step: the same counts as one loss and backward pass on the
+    same batch, counted by hand (fixed-step solvers, so the counts depend on the grid only)."""
+    from pyro_seqlatent.data.irregular import IrregularDataset
+    from pyro_seqlatent.infer import train
+
+    items = apply_task(make_periodic(6, 10, seed=1), "interp", fraction=0.5, seed=1)
+    batch = union_grid_collate(items)
+
+    def pair():
+        torch.manual_seed(0)
+        return (LatentODEModel(1, 3, ode_hidden_dims=(8,), method="euler"),
+                LatentODEGuide(1, 3, hidden_dim=6, ode_hidden_dims=(8,)))
+
+    model, guide = pair()
+    reset_nfe(model, guide)
+    pyro.infer.Trace_ELBO().differentiable_loss(model, guide, **batch).backward()
+    by_hand = nfe_metrics(model, guide)
+    assert min(by_hand.values()) > 0
+
+    model, guide = pair()
+    result = train(model, guide, IrregularDataset(items), collate_fn=union_grid_collate,
+                   num_steps=2, batch_size=6, lr=1e-3, progress=False)
+    expected = {f"{owner}_nfe_{way}": by_hand[f"{prefix}_nfe_{way}"]
+                for owner, prefix in (("model", "gen"), ("guide", "enc"))
+                for way in ("forward", "backward")}
+    assert [{key: record[key] for key in expected} for record in result.history] == [expected] * 2
+
+    # a model without counters logs no NFE
+    rnn = RNNDeltaT(1, hidden_dim=4)
+    result = train(rnn, EmptyGuide(), IrregularDataset(items), collate_fn=union_grid_collate,
+                   num_steps=1, batch_size=6, lr=1e-3, progress=False)
+    assert not any("nfe" in key for key in result.history[0])
