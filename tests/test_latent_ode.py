@@ -309,11 +309,12 @@ def test_reference_init_leaves_flow_guides_at_their_identity_start(flow):
         assert torch.allclose(f.condition(context)(z), z)
 
 
-def test_training_records_each_steps_function_evaluations_of_model_and_guide():
-    """``train`` logs the NFE of each step: the same counts as one loss and backward pass on the
-    same batch, counted by hand (fixed-step solvers, so the counts depend on the grid only)."""
+def test_training_and_evaluation_record_the_function_evaluations_of_model_and_guide():
+    """``train`` logs the NFE of each step and ``evaluate`` those of its pass: the same counts as
+    the same computations counted by hand (fixed-step solvers: the counts depend on the grid
+    only)."""
     from pyro_seqlatent.data.irregular import IrregularDataset
-    from pyro_seqlatent.infer import train
+    from pyro_seqlatent.infer import evaluate, log_marginal, train
 
     items = apply_task(make_periodic(6, 10, seed=1), "interp", fraction=0.5, seed=1)
     batch = union_grid_collate(items)
@@ -337,8 +338,26 @@ def test_training_records_each_steps_function_evaluations_of_model_and_guide():
                 for way in ("forward", "backward")}
     assert [{key: record[key] for key in expected} for record in result.history] == [expected] * 2
 
+    # the evaluation path sums its batches' counts (forward only: no gradients there)
+    by_hand = {"model": 0, "guide": 0}
+    for chunk in (items[:4], items[4:]):
+        reset_nfe(model, guide)
+        log_marginal(model, guide, union_grid_collate(chunk), num_samples=5)
+        counts = nfe_metrics(model, guide)
+        by_hand["model"] += counts["gen_nfe_forward"]
+        by_hand["guide"] += counts["enc_nfe_forward"]
+    ev = evaluate(model, guide, IrregularDataset(items), num_samples=5, batch_size=4,
+                  collate_fn=union_grid_collate)
+    assert min(by_hand.values()) > 0
+    assert {key: ev[key] for key in expected} == {
+        "model_nfe_forward": by_hand["model"], "model_nfe_backward": 0,
+        "guide_nfe_forward": by_hand["guide"], "guide_nfe_backward": 0}
+
     # a model without counters logs no NFE
     rnn = RNNDeltaT(1, hidden_dim=4)
     result = train(rnn, EmptyGuide(), IrregularDataset(items), collate_fn=union_grid_collate,
                    num_steps=1, batch_size=6, lr=1e-3, progress=False)
     assert not any("nfe" in key for key in result.history[0])
+    ev = evaluate(rnn, EmptyGuide(), IrregularDataset(items), num_samples=2, batch_size=6,
+                  collate_fn=union_grid_collate)
+    assert not any("nfe" in key for key in ev)

@@ -27,6 +27,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from pyro_seqlatent.infer.batches import batch_args, to_device
 from pyro_seqlatent.infer.modes import eval_mode
+from pyro_seqlatent.infer.nfe import nfe_counters, nfe_record, reset_counters
 
 PARTICLE_PLATE = "_log_marginal_particles"
 
@@ -223,10 +224,14 @@ def evaluate(
     progress: bool = False,
 ) -> dict[str, Any]:
     """:func:`log_marginal` over a whole dataset: mean and standard error of
-    :math:`\\log\\hat p(x)` and of the ELBO per data point, plus the per-point values."""
+    :math:`\\log\\hat p(x)` and of the ELBO per data point, plus the per-point values; for a pair
+    with function-evaluation counters (:mod:`pyro_seqlatent.infer.nfe`), the evaluations of the
+    whole pass (``model_nfe_forward``, ``guide_nfe_forward``, ...)."""
     loader = DataLoader(data, batch_size=batch_size, shuffle=False, collate_fn=collate_fn)
     devices = [torch.device(device)] if torch.device(device).type == "cuda" else []
     lls, elbos = [], []
+    counters = nfe_counters(model, guide)
+    reset_counters(counters)
     with torch.random.fork_rng(devices=devices):
         iterator = iter(loader)  # the loader draws its base seed here: before the seed below
         if progress:
@@ -256,4 +261,5 @@ def evaluate(
         "elbo_sem": sem(el),
         "log_marginal_per_point": ll,
         "elbo_per_point": el,
+        **nfe_record(counters),
     }

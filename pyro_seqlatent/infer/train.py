@@ -25,7 +25,8 @@ modules (and of Pyro's param store), mini-batches from a torch ``DataLoader``, a
   checkpoint, which it leaves intact;
 * metrics to ``metrics.jsonl`` and a tqdm progress bar with loss and throughput; a model or
   guide with function-evaluation counters (submodules with ``nfe`` and ``reset_nfe()``, as the ODE
-  vector fields of :mod:`pyro_seqlatent.nn.ode`) adds each step's counts to its record:
+  vector fields of :mod:`pyro_seqlatent.nn.ode`; see :mod:`pyro_seqlatent.infer.nfe`) adds each
+  step's counts to its record:
   ``model_nfe_forward``, ``model_nfe_backward``, ``guide_nfe_forward``, ``guide_nfe_backward``
   (summed over the counters of each; a module the model and guide share counts for the model).
 
@@ -77,6 +78,7 @@ from pyro_seqlatent.infer.checkpoint import (
 )
 from pyro_seqlatent.infer.elbos import ELBOS, has_differentiable_loss, make_elbo
 from pyro_seqlatent.infer.modes import eval_mode, mode_dependent_modules
+from pyro_seqlatent.infer.nfe import nfe_counters, nfe_record, reset_counters
 
 CHECKPOINT = "checkpoint.pt"
 BEST = "best.pt"
@@ -346,32 +348,6 @@ def _flow_caches(*modules: nn.Module) -> list[Any]:
     return [m for module in modules for m in module.modules() if hasattr(m, "clear_cache")]
 
 
-def _nfe_counters(model: nn.Module, guide: nn.Module) -> dict[str, list[Any]]:
-    """The evaluation counters of the model and of the guide (a shared one counts once, for the
-    model): submodules with a ``reset_nfe()`` method and an ``nfe`` dict of
-    ``{"nfe_forward": int, "nfe_backward": int}``."""
-    seen: set[int] = set()
-    out: dict[str, list[Any]] = {}
-    for name, owner in (("model", model), ("guide", guide)):
-        found = []
-        for m in owner.modules() if isinstance(owner, nn.Module) else ():
-            if id(m) not in seen and callable(getattr(m, "reset_nfe", None)) and hasattr(m, "nfe"):
-                seen.add(id(m))
-                found.append(m)
-        if found:
-            out[name] = found
-    return out
-
-
-def _nfe_record(counters: dict[str, list[Any]]) -> dict[str, int]:
-    """The counts since the last reset, summed per owner: ``{"model_nfe_forward": ..., ...}``."""
-    record = {}
-    for name, found in counters.items():
-        for key in ("nfe_forward", "nfe_backward"):
-            record[f"{name}_{key}"] = int(sum(m.nfe[key] for m in found))
-    return record
-
-
 def _annealed(fn: Callable, scale: float) -> Callable:
     return fn if scale == 1.0 else ScaleLatents(scale)(fn)
 
@@ -588,7 +564,7 @@ def _train(model, guide, train_data, valid_data, collate_fn, run_dir, resume, ca
     optimizer = opt_cls(params, **opt_kwargs)
     scheduler = _make_scheduler(optimizer, cfg, total_steps)
     caches = _flow_caches(model, guide)
-    counters = _nfe_counters(model, guide)
+    counters = nfe_counters(model, guide)
 
     state = {
         "step": 0,
@@ -706,9 +682,7 @@ def _train(model, guide, train_data, valid_data, collate_fn, run_dir, resume, ca
                 n = batch_size(batch)
                 beta = _kl_scale(cfg, step)
                 optimizer.zero_grad(set_to_none=True)
-                for found in counters.values():
-                    for counter in found:
-                        counter.reset_nfe()
+                reset_counters(counters)
                 noise = (ddp_tools.ExampleNoise(example_indices[i_batch], seed=cfg.seed, step=step)
                          if example_indices is not None else contextlib.nullcontext())
                 try:
@@ -769,7 +743,7 @@ def _train(model, guide, train_data, valid_data, collate_fn, run_dir, resume, ca
                     "kl_scale": beta,
                     "time_s": clock() - start_time,
                     "examples_per_s": n / max(time.perf_counter() - t0, 1e-9),
-                    **_nfe_record(counters),  # this step's solves (validation runs after)
+                    **nfe_record(counters),  # this step's solves (validation runs after)
                 }
                 offset += 1
                 # the final state is validated too, so that the best checkpoint can be the last
