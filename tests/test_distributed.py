@@ -25,6 +25,7 @@ from pyro_seqlatent.infer.distributed import (
 )
 from pyro_seqlatent.models.vae import VAE, VAEGuide
 from pyro_seqlatent.models.vrnn import build_vrnn
+from pyro_seqlatent.nn.ode import CountingField
 
 pytestmark = pytest.mark.timeout(150)  # the spawned jobs have their own, shorter timeouts
 
@@ -88,10 +89,41 @@ def fit_models(setup, out=None, steps=STEPS, resume=False):
                                                **guide.state_dict()}.items()}
 
 
+class Scale(CountingField):
+    def __init__(self):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.ones(()))
+
+    def field(self, t, z):
+        return self.w * z
+
+
+class CountedVAE(VAE):
+    """A VAE whose model evaluates a counting field once per call (one backward product too)."""
+
+    def __init__(self, *args):
+        super().__init__(*args)
+        self.counted = Scale()
+
+    def forward(self, x):
+        return super().forward(x + 0.0 * self.counted(None, x))
+
+
+def nfe_history():
+    """Per-step (forward, backward) NFE of the model in the metrics of a short training run."""
+    torch.manual_seed(0)
+    model, _, data, _ = vae_setup()
+    model = CountedVAE(6, 2, (8,), "bernoulli")
+    result = train(model, VAEGuide(6, 2, (8,)), data, num_steps=3, batch_size=BATCH, lr=0.02,
+                   seed=SEED, progress=False)
+    return torch.tensor([[r["model_nfe_forward"], r["model_nfe_backward"]]
+                         for r in result.history])
+
+
 def _worker(rank, out_dir):
     pyro.clear_param_store()
     results = {"vae": fit_models(vae_setup, f"{out_dir}/vae-run"),
-               "vrnn": fit_models(vrnn_setup)}
+               "vrnn": fit_models(vrnn_setup), "nfe": nfe_history()}
     fit_models(vrnn_setup, f"{out_dir}/to-resume", steps=STEPS - 3)  # finished by 1 process
     x = gmm_data()
     gmm = DistributedGaussianMixture(3, **GMM_KW).fit(x[shard_rows(len(x))])
@@ -132,6 +164,12 @@ def test_two_processes_equal_one_process_with_the_global_batch(two_process_resul
         torch.testing.assert_close(rank1[name][key], rank0[name][key], rtol=0, atol=0)
         moved = max(moved, float((value - start[key]).abs().max()))
     assert moved > 1e-3  # the parameters did move: the comparison is not vacuous
+
+
+def test_the_logged_function_evaluations_are_summed_over_processes(two_process_results):
+    rank0, _, _ = two_process_results
+    assert nfe_history().tolist() == [[1, 1]] * 3  # one process: one evaluation per step
+    assert rank0["nfe"].tolist() == [[2, 2]] * 3  # two processes: one each, summed
 
 
 def test_without_example_noise_the_runs_differ(two_process_results):

@@ -330,9 +330,18 @@ def test_training_and_evaluation_record_the_function_evaluations_of_model_and_gu
     by_hand = nfe_metrics(model, guide)
     assert min(by_hand.values()) > 0
 
+    class IntCounter(nn.Module):  # another convention (torchdiffeq's examples): not a counter
+        nfe = 0
+
+        def reset_nfe(self):
+            self.nfe = 0
+
     model, guide = pair()
-    result = train(model, guide, IrregularDataset(items), collate_fn=union_grid_collate,
-                   num_steps=2, batch_size=6, lr=1e-3, progress=False)
+    model.other = IntCounter()
+    # validation after every step: its solves must not leak into the step's counts
+    result = train(model, guide, IrregularDataset(items), valid_data=IrregularDataset(items),
+                   valid_every=1, collate_fn=union_grid_collate, num_steps=2, batch_size=6,
+                   lr=1e-3, progress=False)
     expected = {f"{owner}_nfe_{way}": by_hand[f"{prefix}_nfe_{way}"]
                 for owner, prefix in (("model", "gen"), ("guide", "enc"))
                 for way in ("forward", "backward")}

@@ -226,7 +226,7 @@ def evaluate(
     """:func:`log_marginal` over a whole dataset: mean and standard error of
     :math:`\\log\\hat p(x)` and of the ELBO per data point, plus the per-point values; for a pair
     with function-evaluation counters (:mod:`pyro_seqlatent.infer.nfe`), the evaluations of the
-    whole pass (``model_nfe_forward``, ``guide_nfe_forward``, ...)."""
+    whole pass (``model_nfe_forward``, ``guide_nfe_forward``, ...; the counters are reset first)."""
     loader = DataLoader(data, batch_size=batch_size, shuffle=False, collate_fn=collate_fn)
     devices = [torch.device(device)] if torch.device(device).type == "cuda" else []
     lls, elbos = [], []

@@ -3,11 +3,13 @@
 A *counter* is any submodule with a ``reset_nfe()`` method and an ``nfe`` dict
 ``{"nfe_forward": int, "nfe_backward": int}``, as the ODE vector fields of
 :mod:`pyro_seqlatent.nn.ode` (:class:`~pyro_seqlatent.nn.ode.CountingField`). This module knows
-no particular model: a pair without counters gets no NFE entries.
+no particular model: a pair without counters gets no NFE entries. A module whose ``nfe`` is
+anything else (say an ``int``, as in torchdiffeq's examples) is not a counter.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 from torch import nn
@@ -24,12 +26,18 @@ def nfe_counters(model: Any, guide: Any) -> dict[str, list[nn.Module]]:
         found = []
         for module in owner.modules() if isinstance(owner, nn.Module) else ():
             if (id(module) not in seen and callable(getattr(module, "reset_nfe", None))
-                    and hasattr(module, "nfe")):
+                    and _is_count(getattr(module, "nfe", None))):
                 seen.add(id(module))
                 found.append(module)
         if found:
             out[name] = found
     return out
+
+
+def _is_count(nfe: Any) -> bool:
+    """An ``nfe`` of our form; other conventions (an ``int`` attribute, as in torchdiffeq's
+    examples) are not counters here and are left alone."""
+    return isinstance(nfe, Mapping) and all(key in nfe for key in KEYS)
 
 
 def reset_counters(counters: dict[str, list[nn.Module]]) -> None:

@@ -28,7 +28,9 @@ modules (and of Pyro's param store), mini-batches from a torch ``DataLoader``, a
   vector fields of :mod:`pyro_seqlatent.nn.ode`; see :mod:`pyro_seqlatent.infer.nfe`) adds each
   step's counts to its record:
   ``model_nfe_forward``, ``model_nfe_backward``, ``guide_nfe_forward``, ``guide_nfe_backward``
-  (summed over the counters of each; a module the model and guide share counts for the model).
+  (summed over the counters of each and, under DDP, over the processes; a module the model and
+  guide share counts for the model; a logged step's own counts, like its loss; none with a JIT
+  ELBO, whose compiled graph bypasses the counters).
 
 The data order comes from a :class:`~torch.utils.data.DistributedSampler` seeded by
 ``(seed, epoch)``, so the same loop runs under ``torchrun`` with DDP without a second code path:
@@ -564,7 +566,9 @@ def _train(model, guide, train_data, valid_data, collate_fn, run_dir, resume, ca
     optimizer = opt_cls(params, **opt_kwargs)
     scheduler = _make_scheduler(optimizer, cfg, total_steps)
     caches = _flow_caches(model, guide)
-    counters = nfe_counters(model, guide)
+    # a JIT ELBO replays its compiled graph, which neither calls the fields' Python forward nor
+    # keeps their backward hooks: its counts would be wrong, so it gets none
+    counters = {} if type(elbo).__name__.startswith("Jit") else nfe_counters(model, guide)
 
     state = {
         "step": 0,
@@ -714,15 +718,19 @@ def _train(model, guide, train_data, valid_data, collate_fn, run_dir, resume, ca
                 over_time = (cfg.max_time_s is not None
                              and clock() - start_time >= cfg.max_time_s)
                 totals = loss.detach().to(grad_norm)
-                if world_size > 1:  # global loss, batch and time flag: no host sync here
+                nfe = nfe_record(counters)  # this step's solves (validation runs after)
+                if world_size > 1:  # global loss, batch, time flag, NFE: no host sync here
                     totals = torch.stack([totals, torch.full_like(grad_norm, n),
-                                          torch.full_like(grad_norm, float(over_time))])
+                                          torch.full_like(grad_norm, float(over_time)),
+                                          *(torch.full_like(grad_norm, float(v))
+                                            for v in nfe.values())])
                     ddp_tools.all_reduce_([totals])
                 loss_value, *rest, norm_value = (
                     torch.cat([totals.reshape(-1), grad_norm.reshape(1)]).cpu().tolist()
                 )
                 if rest:
                     n, over_time = int(round(rest[0])), rest[1] > 0
+                    nfe = dict(zip(nfe, (int(round(v)) for v in rest[2:]), strict=True))
                 if not math.isfinite(loss_value) or not math.isfinite(norm_value):
                     what = "the loss" if not math.isfinite(loss_value) else "the gradient norm"
                     raise TrainingDiverged(step, what, ckpt_path if last_ckpt_step else None,
@@ -743,7 +751,7 @@ def _train(model, guide, train_data, valid_data, collate_fn, run_dir, resume, ca
                     "kl_scale": beta,
                     "time_s": clock() - start_time,
                     "examples_per_s": n / max(time.perf_counter() - t0, 1e-9),
-                    **nfe_record(counters),  # this step's solves (validation runs after)
+                    **nfe,
                 }
                 offset += 1
                 # the final state is validated too, so that the best checkpoint can be the last
