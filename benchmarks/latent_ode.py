@@ -75,7 +75,14 @@ from pyro_seqlatent.data.irregular import (
     union_grid_collate,
 )
 from pyro_seqlatent.data.periodic import make_periodic
-from pyro_seqlatent.infer.train import BEST, restore_modules
+from pyro_seqlatent.infer.run import load_run
+from pyro_seqlatent.infer.train import (
+    BEST,
+    CHECKPOINT,
+    TrainingDiverged,
+    TrainResult,
+    restore_modules,
+)
 from pyro_seqlatent.models.latent_ode import (
     DATA_DEFAULTS,
     LatentODEModel,
@@ -406,6 +413,21 @@ def run_dir_for(out_dir: Path, cell: dict, label: str, protocol: str, tag: str =
     return out_dir / f"{cell['dataset']}-{cell['task']}-{cell['fraction']}-{label}{suffix}"
 
 
+def diverged_run(run_dir: Path):
+    """``(result, model, guide, datasets)`` of a run stopped by :class:`TrainingDiverged`, from
+    its folder: the model and guide at the best checkpoint, the learning curve up to the last
+    logged step, the times of the last good checkpoint."""
+    run = load_run(run_dir, which="best")
+    history = run.metrics
+    state = torch.load(run_dir / CHECKPOINT, map_location="cpu", weights_only=False)["state"]
+    result = TrainResult(history=history, step=history[-1]["step"],
+                         final_loss=history[-1]["loss"], best_valid=state["best_valid"],
+                         stopped="diverged", run_dir=run_dir,
+                         wall_time_s=state.get("wall_elapsed", float("nan")),
+                         budget_time_s=history[-1]["time_s"])
+    return result, run.model, run.guide, run.datasets()
+
+
 def run_cell(name, cell, args, out_dir: Path) -> tuple[dict, dict]:
     """Train and score one model on one cell: ``(row, datasets)``."""
     spec = spec_for(name)
@@ -429,12 +451,23 @@ def run_cell(name, cell, args, out_dir: Path) -> tuple[dict, dict]:
                     time_budget="process", batch_size=args.batch_size, progress=False,
                     valid_every=args.valid_every or None,
                     checkpoint_every=args.valid_every or None)  # a cut row can --resume
-    result, model, guide, datasets = train_system(spec.name, options, run_dir,
-                                                  resume=args.resume, **settings)
+    diverged = None
+    try:
+        result, model, guide, datasets = train_system(spec.name, options, run_dir,
+                                                      resume=args.resume, **settings)
+    except TrainingDiverged as err:
+        if not (args.valid_every and (run_dir / BEST).exists()):
+            raise
+        # nothing is lost: the row is scored at its best checkpoint and says where it stopped
+        print(f"[latent_ode bench] {err}; scoring the best checkpoint", file=sys.stderr)
+        result, model, guide, datasets = diverged_run(run_dir)
+        diverged = err.step
     scored, scored_step = "last", result.step
     if args.valid_every and (run_dir / BEST).exists():  # the final step is validated too
         scored_step = restore_modules(run_dir / BEST, model, guide)["state"]["step"]
         scored = f"best valid (step {scored_step})"
+    if diverged is not None:
+        scored += f"; diverged at step {diverged}"
     epochs = result.history[-1]["epoch"] if result.history else float("nan")
     if protocol == "reference":
         scores = reference_test_mse(model, guide, datasets["test"])

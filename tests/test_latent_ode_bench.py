@@ -117,3 +117,33 @@ def test_a_cut_row_resumes_from_its_last_checkpoint(tmp_path):
     other_data = [("40" if a == "30" else a) for a in common]  # --n-series 40: other series
     with pytest.raises(ValueError, match="n_series: 30 -> 40"):
         bench.main(["--minutes", "0.05", "--resume"] + other_data)
+
+
+def test_a_diverged_row_is_scored_at_its_best_checkpoint(tmp_path, monkeypatch):
+    """A row whose training diverges keeps its work: it is scored at its best-validation
+    checkpoint and says where it stopped; without a best checkpoint the error stands."""
+    import math
+
+    from pyro_seqlatent.infer import TrainingDiverged, load_run
+
+    real = bench.train_system
+
+    def diverging(name, options, run_dir, **kwargs):
+        result, *_ = real(name, options, run_dir, **kwargs)
+        raise TrainingDiverged(result.step + 1, "the loss", run_dir / "checkpoint.pt",
+                               result.step)
+
+    monkeypatch.setattr(bench, "train_system", diverging)
+    common = ["--minutes", "0.01", "--cells", "periodic:interp:0.5", "--models", "ode_rnn",
+              "--n-series", "30", "--no-persistence", "--no-solve-bench", "--out", str(tmp_path)]
+    bench.main(common + ["--valid-every", "2"])
+    row = json.loads((tmp_path / "results.json").read_text())["rows"][0]
+    best = load_run(tmp_path / "periodic-interp-0.5-ode_rnn", which="best")
+    best_step = min((r for r in best.metrics if "valid_loss" in r),
+                    key=lambda r: r["valid_loss"])["step"]
+    assert row["scored"] == f"best valid (step {best_step}); diverged at step {row['steps'] + 1}"
+    test = best.datasets()["test"]
+    assert math.isclose(row["test_mse"], bench.test_mse(best.model, best.guide, test),
+                        rel_tol=1e-6)
+    with pytest.raises(TrainingDiverged):  # no validation, so no best checkpoint to score
+        bench.main(common + ["--valid-every", "0", "--out", str(tmp_path / "none")])
