@@ -11,7 +11,7 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 from pyro_seqlatent.infer import ScaleLatents, TrainingDiverged, load_run, train
-from pyro_seqlatent.infer.checkpoint import load_checkpoint
+from pyro_seqlatent.infer.checkpoint import load_checkpoint, set_rng_state
 from pyro_seqlatent.infer.train import TrainConfig
 from pyro_seqlatent.models.conjugate import AffineNormalGuide, NormalNormal
 
@@ -521,7 +521,7 @@ def test_a_jit_elbo_with_dropout_and_validation_data_is_refused():
 
 def test_resume_respects_a_spent_budget_and_refuses_other_settings(tmp_path):
     """A budget-stopped run resumed with the same budget takes no step; a larger budget goes
-    on; another lr (which the restored optimizer state would silently override) is refused."""
+    on; another batch size (which would misplace the run in its epoch) is refused."""
     x = conjugate_data(n=40)
 
     def run(max_time_s, **extra):
@@ -538,5 +538,54 @@ def test_resume_respects_a_spent_budget_and_refuses_other_settings(tmp_path):
     assert again.step == first.step and again.stopped == "time_budget"
     longer = run(0.15)
     assert longer.step > first.step
-    with pytest.raises(ValueError, match=r"lr: 0.05 -> 0.1"):
-        run(0.3, lr=0.1)
+    with pytest.raises(ValueError, match=r"batch_size: 8 -> 4"):
+        run(0.3, batch_size=4)
+
+
+def test_a_diverged_run_resumes_from_its_last_good_checkpoint_with_a_lower_lr_and_clipping(
+        tmp_path):
+    """The recovery TrainingDiverged advises: resume from the checkpoint with another lr and
+    clip_norm. The restored schedule is rescaled to the new base rate (lr_t = lr_new * f(t)),
+    the restored optimizer state does not override it, and with SGD the first resumed update
+    is exactly -lr_t * clip(grad), checked against a hand-made step from the checkpoint."""
+    x = conjugate_data(n=64)
+    schedule = dict(optimizer="sgd", lr_schedule="step", lr_decay=0.5, lr_step_size=4,
+                    batch_size=16, checkpoint_every=5, progress=False, shuffle=False)
+    model, guide = ExplodingModel("factor"), AffineNormalGuide()
+    with pytest.raises(TrainingDiverged, match=r"step 7: .*lower learning rate"):
+        train(model, guide, TensorData(x), num_steps=12, lr=0.05, run_dir=tmp_path, **schedule)
+    ckpt = load_checkpoint(tmp_path / "checkpoint.pt")
+    assert ckpt["state"]["step"] == 5
+
+    # the first resumed step by hand: the checkpoint's parameters, the same batch (the data
+    # are not shuffled, batch 6 of 4 per epoch is items 16..31) and noise, one clipped SGD step
+    lr_new, clip = 0.01, 0.5
+    hand_model, hand_guide = NormalNormal(learn_noise=True), AffineNormalGuide()
+    hand_model.load_state_dict(ckpt["model"])
+    hand_guide.load_state_dict(ckpt["guide"])
+    set_rng_state(ckpt["rng"])
+    loss = pyro.infer.Trace_ELBO().differentiable_loss(hand_model, hand_guide, x[16:32])
+    params = [*hand_model.parameters(), *hand_guide.parameters()]  # clipping sees them all
+    grads = torch.autograd.grad(loss, params)
+    scale = min(1.0, clip / float(torch.linalg.vector_norm(torch.stack(grads))))
+    assert scale < 1.0  # the clip is active
+    expected = [p.detach() - lr_new * 0.5 * scale * g for p, g in zip(params, grads)]  # f(5)
+
+    model = NormalNormal(learn_noise=True)  # a healthy model takes over from the checkpoint
+    model.load_state_dict(ckpt["model"])
+    guide = AffineNormalGuide()
+    result = train(model, guide, TensorData(x), num_steps=6, lr=lr_new, clip_norm=clip,
+                   run_dir=tmp_path, resume=True, **schedule)
+    assert result.step == 6
+    for got, want in zip([*model.parameters(), *guide.parameters()], expected, strict=True):
+        assert torch.allclose(got.detach(), want, atol=1e-6), (got, want)
+    rows = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+    assert [r["lr"] for r in rows] == pytest.approx(
+        [0.05] * 4 + [0.025] + [lr_new * 0.5])  # steps 1-5 as trained, step 6 rescaled
+    saved = load_checkpoint(tmp_path / "checkpoint.pt")
+    assert saved["state"]["lr_changes"] == [{"step": 5, "from": 0.05, "to": lr_new}]
+    longer = train(model, guide, TensorData(x), num_steps=9, lr=lr_new, clip_norm=clip,
+                   run_dir=tmp_path, resume=True, **schedule)
+    rows = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+    assert longer.step == 9 and [r["lr"] for r in rows[6:]] == pytest.approx(
+        [lr_new * 0.5, lr_new * 0.5, lr_new * 0.25])  # f(6), f(7), f(8)

@@ -45,6 +45,10 @@ Exact resumption holds for datasets whose items are deterministic, or with ``num
 workers' seeds are a function of ``(seed, epoch)``, but a worker's random stream restarts when a
 run resumes mid-epoch. A time budget (``max_time_s``) counts the training time of all sessions of
 a run, so resume a budget-stopped run with a larger budget; an early-stopped run stays stopped.
+A resumed run must keep the settings of the run it continues, except its length, budget and
+bookkeeping, and ``lr`` and ``clip_norm``: the recovery of a run that diverged is to resume it
+from its last good checkpoint with a lower learning rate (the restored schedule is rescaled to
+it; ``state["lr_changes"]`` of later checkpoints records each change) or with clipping.
 ``time_budget="process"`` measures that budget (and the ``time_s`` of the metrics) in CPU seconds
 of this process (``time.process_time``) instead of wall-clock seconds: with one thread per process
 it is the fair budget when several benchmark rows share a machine with other load.
@@ -599,6 +603,10 @@ def _train(model, guide, train_data, valid_data, collate_fn, run_dir, resume, ca
             _check_resumed_config(ckpt.get("config"), cfg, run_path)
             _restore(ckpt, model, guide, optimizer, scheduler)
             state.update(ckpt["state"])
+            old_lr = _apply_resumed_lr(optimizer, scheduler, cfg.lr)
+            if old_lr is not None:  # the metrics' lr column shows it too, step by step
+                state["lr_changes"] = [*state.get("lr_changes", []),
+                                       {"step": state["step"], "from": old_lr, "to": cfg.lr}]
             last_ckpt_step = state["step"]
             if main:
                 history = _read_metrics(run_path / METRICS, state["step"])
@@ -825,10 +833,13 @@ def _train(model, guide, train_data, valid_data, collate_fn, run_dir, resume, ca
     )
 
 
-#: settings a resumed run may change: its length, budget and bookkeeping, not what it computes
+#: settings a resumed run may change: its length, budget and bookkeeping, and the two knobs
+#: that recover a diverged run from its last good checkpoint (``lr``, which rescales the restored
+#: schedule, see :func:`_apply_resumed_lr`, and ``clip_norm``), not what it computes
 RESUMABLE_CHANGES = frozenset({"num_steps", "num_epochs", "max_time_s", "progress", "log_every",
                                "checkpoint_every", "num_workers", "pyro_validation", "device",
-                               "early_stopping_patience", "early_stopping_min_delta"})
+                               "early_stopping_patience", "early_stopping_min_delta",
+                               "lr", "clip_norm"})
 
 
 def _default_settings() -> dict:
@@ -899,6 +910,24 @@ def _restore(ckpt: dict, model: nn.Module, guide: nn.Module, optimizer, schedule
     optimizer.load_state_dict(ckpt["optimizer"])
     scheduler.load_state_dict(ckpt["scheduler"])
     set_rng_state(ckpt["rng"])
+
+
+def _apply_resumed_lr(optimizer, scheduler, lr: float) -> float | None:
+    r"""Make a resumed run train at base learning rate ``lr`` where its checkpoint had another.
+
+    The restored optimizer and scheduler carry the old base rate :math:`\eta_\mathrm{old}`; the
+    schedule's factors :math:`f(t)` (warm-up, decay, floor) are kept, so every later step uses
+    :math:`\eta_t = \eta_\mathrm{new} f(t)` and the step right after the checkpoint
+    :math:`\eta_\mathrm{new} f(t_\mathrm{ckpt})`. Returns the old base rate, or None when
+    it was ``lr`` already."""
+    old = [float(b) for b in scheduler.base_lrs]
+    if all(b == lr for b in old):
+        return None
+    scheduler.base_lrs = [lr] * len(scheduler.base_lrs)
+    for group, base in zip(optimizer.param_groups, old, strict=True):
+        group["initial_lr"] = lr
+        group["lr"] = group["lr"] * (lr / base)  # = lr * f(t_ckpt)
+    return old[0]
 
 
 def restore_modules(ckpt_path: str | os.PathLike, model: nn.Module, guide: nn.Module,
