@@ -147,3 +147,22 @@ def test_a_diverged_row_is_scored_at_its_best_checkpoint(tmp_path, monkeypatch):
                         rel_tol=1e-6)
     with pytest.raises(TrainingDiverged):  # no validation, so no best checkpoint to score
         bench.main(common + ["--valid-every", "0", "--out", str(tmp_path / "none")])
+
+
+def test_a_row_resumed_with_another_lr_says_so(tmp_path):
+    """The recovery of a diverged row (resume with a lower lr) is visible in its row: the
+    recorded command alone would retrain at the new lr from the start."""
+    common = ["--cells", "periodic:interp:0.5", "--models", "ode_rnn", "--n-series", "30",
+              "--valid-every", "2", "--no-persistence", "--no-solve-bench", "--out", str(tmp_path),
+              "--tag", "recovered"]
+    bench.main(common + ["--minutes", "0.01"])
+    first = json.loads((tmp_path / "results.json").read_text())["rows"][0]
+    assert "resumed" not in first["scored"]
+    old_lr = json.loads((tmp_path / "periodic-interp-0.5-ode_rnn@recovered" / "train_config.json")
+                        .read_text())["lr"]
+    bench.main(common + ["--minutes", "0.05", "--train-options", '{"lr": 0.0003}', "--resume"])
+    row = json.loads((tmp_path / "results.json").read_text())["rows"][0]
+    assert row["steps"] > first["steps"]
+    assert row["scored"].endswith(
+        f"; resumed at step {first['steps']} with lr 0.0003 (was {old_lr:g})")
+
