@@ -87,3 +87,28 @@ def train_options(parser, text: str, fixed: set, fixed_hint: str,
         except (TypeError, ValueError) as e:
             parser.error(f"--train-options: {e}")
     return extra
+
+
+def resume_changes(run_dir: Path) -> list[dict]:
+    """The settings a resume changed (``lr``, ``clip_norm``: ``train`` keeps them in its
+    checkpoint's state), so that a recovered row does not pass for one trained with its
+    command's settings throughout."""
+    import torch
+
+    from pyro_seqlatent.infer.train import CHECKPOINT
+
+    path = Path(run_dir) / CHECKPOINT
+    if not path.exists():
+        return []
+    state = torch.load(path, map_location="cpu", weights_only=False)["state"]
+    return list(state.get("resume_changes", []))
+
+
+def describe_changes(changes: list[dict], scored_step: int | None = None) -> str:
+    """``"; resumed at step N with lr X (was Y)"`` for each change, and whether the scored state
+    predates it."""
+    return "".join(
+        f"; resumed at step {c['step']} with {c['setting']} {c['to']} (was {c['from']})"
+        + (", after the scored state" if scored_step is not None and scored_step <= c["step"]
+           else "")
+        for c in changes)

@@ -428,15 +428,6 @@ def diverged_run(run_dir: Path):
     return result, run.model, run.guide, run.datasets()
 
 
-def lr_changes(run_dir: Path) -> list[dict]:
-    """The learning-rate changes of a run resumed with another ``lr`` (``train`` keeps them in
-    its checkpoint's state), so that its row does not pass for one trained at a single lr."""
-    if not (run_dir / CHECKPOINT).exists():
-        return []
-    state = torch.load(run_dir / CHECKPOINT, map_location="cpu", weights_only=False)["state"]
-    return list(state.get("lr_changes", []))
-
-
 def run_cell(name, cell, args, out_dir: Path) -> tuple[dict, dict]:
     """Train and score one model on one cell: ``(row, datasets)``."""
     spec = spec_for(name)
@@ -477,8 +468,7 @@ def run_cell(name, cell, args, out_dir: Path) -> tuple[dict, dict]:
         scored = f"best valid (step {scored_step})"
     if diverged is not None:
         scored += f"; diverged at step {diverged}"
-    scored += "".join(f"; resumed at step {c['step']} with lr {c['to']:g} (was {c['from']:g})"
-                      for c in lr_changes(run_dir))
+    scored += _results.describe_changes(_results.resume_changes(run_dir), scored_step)
     epochs = result.history[-1]["epoch"] if result.history else float("nan")
     if protocol == "reference":
         scores = reference_test_mse(model, guide, datasets["test"])

@@ -144,6 +144,8 @@ def run_row(row: str, args, data_cache: dict) -> dict:
         "neg_elbo_per_sequence": neg_elbo / len(test), "ll_per_sequence": ll_total / len(test),
         "ll_per_sequence_sem": est["log_marginal_sem"], "eval_wall_s": eval_s,
         "ll_sequences": [float(v) for v in est["log_marginal_per_point"]],
+        # a recovered run (resumed with another lr / clip_norm) says so beside its command
+        "resume_changes": _results.resume_changes(run_dir),
         "curve": [{k: r[k] for k in ("step", "time_s", "loss", "valid_loss") if k in r}
                   for r in result.history
                   if "valid_loss" in r or r["step"] % 25 == 0 or r is result.history[-1]],
@@ -249,6 +251,12 @@ def figure3(samples: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def resumed_note(row: dict) -> str:
+    """Beside a row's command: the settings a resume changed, which the command alone lacks."""
+    changes = row.get("resume_changes")
+    return f" ({_results.describe_changes(changes).removeprefix('; ')})" if changes else ""
+
+
 def markdown(rows: list[dict], args) -> str:
     lines = ["| row | data | −ELBO/step (1 sample) | NLL/step (IS) | log-lik/sequence (IS) | "
              "train steps / CPU s | command |", "|---|---|---|---|---|---|---|"]
@@ -258,7 +266,7 @@ def markdown(rows: list[dict], args) -> str:
             f"{r['nll_per_step']:.3f} | {r['ll_per_sequence']:.1f} ± "
             f"{r['ll_per_sequence_sem']:.1f} | {r['train_steps']} / "
             f"{r.get('train_cpu_s', r.get('train_wall_s')):.0f} s "
-            f"| `{r['command']}` |")
+            f"| `{r['command']}`{resumed_note(r)} |")
     lines += ["", "K = importance samples of the row (in its command); per-step figures divide "
               "by the number of unpadded test frames; FSDD frames are normalised "
               "(global mean/std).",

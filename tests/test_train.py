@@ -538,6 +538,7 @@ def test_resume_respects_a_spent_budget_and_refuses_other_settings(tmp_path):
     assert again.step == first.step and again.stopped == "time_budget"
     longer = run(0.15)
     assert longer.step > first.step
+    assert "resume_changes" not in load_checkpoint(tmp_path / "checkpoint.pt")["state"]
     with pytest.raises(ValueError, match=r"batch_size: 8 -> 4"):
         run(0.3, batch_size=4)
 
@@ -583,9 +584,14 @@ def test_a_diverged_run_resumes_from_its_last_good_checkpoint_with_a_lower_lr_an
     assert [r["lr"] for r in rows] == pytest.approx(
         [0.05] * 4 + [0.025] + [lr_new * 0.5])  # steps 1-5 as trained, step 6 rescaled
     saved = load_checkpoint(tmp_path / "checkpoint.pt")
-    assert saved["state"]["lr_changes"] == [{"step": 5, "from": 0.05, "to": lr_new}]
+    assert saved["state"]["resume_changes"] == [
+        {"step": 5, "setting": "lr", "from": 0.05, "to": lr_new},
+        {"step": 5, "setting": "clip_norm", "from": None, "to": clip}]
     longer = train(model, guide, TensorData(x), num_steps=9, lr=lr_new, clip_norm=clip,
                    run_dir=tmp_path, resume=True, **schedule)
     rows = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
     assert longer.step == 9 and [r["lr"] for r in rows[6:]] == pytest.approx(
         [lr_new * 0.5, lr_new * 0.5, lr_new * 0.25])  # f(6), f(7), f(8)
+    # resumed again with the same settings: nothing new is recorded
+    assert load_checkpoint(tmp_path / "checkpoint.pt")["state"]["resume_changes"] == saved[
+        "state"]["resume_changes"]

@@ -71,3 +71,14 @@ def test_rows_stored_before_an_option_existed_are_rebuilt_in_eval_mode(tmp_path)
     _, m, g = built[0]
     assert not m.training and not g.training
     assert all(torch.equal(a, b) for a, b in zip(m.parameters(), model.parameters()))
+
+
+def test_a_row_resumed_with_another_lr_says_so_beside_its_command():
+    """Its command alone would retrain at the new lr from the start."""
+    changes = [{"step": 300, "setting": "lr", "from": 0.001, "to": 0.0003},
+               {"step": 300, "setting": "clip_norm", "from": None, "to": 10.0}]
+    assert bench.resumed_note({"resume_changes": changes}) == (
+        " (resumed at step 300 with lr 0.0003 (was 0.001); resumed at step 300 with clip_norm "
+        "10.0 (was None))")
+    assert bench.resumed_note({"resume_changes": []}) == ""
+    assert bench.resumed_note({}) == ""  # rows stored before resumes could change settings

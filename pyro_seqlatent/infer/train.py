@@ -48,7 +48,7 @@ a run, so resume a budget-stopped run with a larger budget; an early-stopped run
 A resumed run must keep the settings of the run it continues, except its length, budget and
 bookkeeping, and ``lr`` and ``clip_norm``: the recovery of a run that diverged is to resume it
 from its last good checkpoint with a lower learning rate (the restored schedule is rescaled to
-it; ``state["lr_changes"]`` of later checkpoints records each change) or with clipping.
+it) or with clipping; ``state["resume_changes"]`` of later checkpoints records each change.
 ``time_budget="process"`` measures that budget (and the ``time_s`` of the metrics) in CPU seconds
 of this process (``time.process_time``) instead of wall-clock seconds: with one thread per process
 it is the fair budget when several benchmark rows share a machine with other load.
@@ -603,10 +603,10 @@ def _train(model, guide, train_data, valid_data, collate_fn, run_dir, resume, ca
             _check_resumed_config(ckpt.get("config"), cfg, run_path)
             _restore(ckpt, model, guide, optimizer, scheduler)
             state.update(ckpt["state"])
-            old_lr = _apply_resumed_lr(optimizer, scheduler, cfg.lr)
-            if old_lr is not None:  # the metrics' lr column shows it too, step by step
-                state["lr_changes"] = [*state.get("lr_changes", []),
-                                       {"step": state["step"], "from": old_lr, "to": cfg.lr}]
+            _apply_resumed_lr(optimizer, scheduler, cfg.lr)
+            changes = _recovery_changes(ckpt.get("config"), cfg, state["step"])
+            if changes:  # kept in every later checkpoint (train_config.json has the new values)
+                state["resume_changes"] = [*state.get("resume_changes", []), *changes]
             last_ckpt_step = state["step"]
             if main:
                 history = _read_metrics(run_path / METRICS, state["step"])
@@ -854,10 +854,10 @@ def _default_settings() -> dict:
 
 
 def _check_resumed_config(saved: dict | None, cfg: TrainConfig, run_path) -> None:
-    """A resumed run must train as the run it continues: the same optimizer, lr, schedule,
-    batch size, seed, ELBO, annealing, validation...; only :data:`RESUMABLE_CHANGES` may differ.
-    (The restored optimizer state would otherwise silently override a new lr, and a new batch
-    size would misplace the run in its epoch.)"""
+    """A resumed run must train as the run it continues: the same optimizer, schedule, batch
+    size, seed, ELBO, annealing, validation...; only :data:`RESUMABLE_CHANGES` may differ (a new
+    batch size would misplace the run in its epoch). ``lr`` and ``clip_norm`` may change: see
+    :func:`_apply_resumed_lr` and :func:`_recovery_changes`."""
     if not saved:
         return
     new = json.loads(json.dumps(cfg.to_json(), default=str))
@@ -910,6 +910,23 @@ def _restore(ckpt: dict, model: nn.Module, guide: nn.Module, optimizer, schedule
     optimizer.load_state_dict(ckpt["optimizer"])
     scheduler.load_state_dict(ckpt["scheduler"])
     set_rng_state(ckpt["rng"])
+
+
+#: the resumable settings that change what a run computes (the recovery of a diverged run);
+#: a resume that changes them is recorded in the checkpoint's ``state["resume_changes"]``
+RECOVERY_SETTINGS = ("lr", "clip_norm")
+
+
+def _recovery_changes(saved: dict | None, cfg: TrainConfig, step: int) -> list[dict]:
+    """``{"step", "setting", "from", "to"}`` for each of :data:`RECOVERY_SETTINGS` that a resume
+    at ``step`` changes (compared like :func:`_check_resumed_config`: a setting the saved run
+    predates had its default)."""
+    if not saved:
+        return []
+    old = {**_default_settings(), **saved}
+    new = cfg.to_json()
+    return [{"step": step, "setting": k, "from": old.get(k), "to": new.get(k)}
+            for k in RECOVERY_SETTINGS if old.get(k) != new.get(k)]
 
 
 def _apply_resumed_lr(optimizer, scheduler, lr: float) -> float | None:
