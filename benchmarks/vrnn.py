@@ -15,7 +15,8 @@ Outputs under ``--out`` (default ``benchmarks/results/vrnn``): ``results.json``,
 (one table, the command per row), ``curve_<row>.png`` learning curves, ``fig2_kl_delta.png``
 (seed 000's Figure 2) and ``fig3_samples_{jsb,fsdd}.png`` (Figure 3: generated piano rolls /
 waveforms of every trained row of the table, read back from the run folders; `--figures`
-redraws them alone). Rows of earlier invocations are kept in the table
+redraws them alone; when some rows have no run folder, as in a fresh clone, the others go to
+``fig3_samples_<dataset>.partial.png`` and the full figure is kept). Rows of earlier invocations are kept in the table
 (merged by row name when a row finishes, so several invocations may run at once). Per-sequence
 test log-likelihoods are kept, and a second table compares pairs of rows on the same test
 sequences: the mean per-sequence difference with its paired standard error. Every row writes a
@@ -306,15 +307,20 @@ def paired_differences(rows: list[dict]) -> list[tuple]:
     return out
 
 
-def trained_rows(results: list[dict], args, dataset: str):
+def trained_rows(results: list[dict], args, dataset: str, missing: list | None = None):
     """``(row, model, guide)`` for every row of ``dataset`` in the table whose run folder under
-    ``--out`` still holds a checkpoint (the best-validation one where it exists)."""
+    ``--out`` still holds a checkpoint (the best-validation one where it exists); the labels of
+    the rows without one are appended to ``missing`` (run folders are not committed)."""
     from pyro_seqlatent.infer.train import CHECKPOINT
 
     for r in results:
+        if r["options"]["dataset"] != dataset:
+            continue
         run_dir = args.out / r["row"]
         ckpt = next((run_dir / f for f in (BEST, CHECKPOINT) if (run_dir / f).exists()), None)
-        if r["options"]["dataset"] != dataset or ckpt is None:
+        if ckpt is None:
+            if missing is not None:
+                missing.append(r["label"])
             continue
         pyro.clear_param_store()
         spec = get_model(r["system"])  # rows stored before an option existed get its default
@@ -325,14 +331,26 @@ def trained_rows(results: list[dict], args, dataset: str):
         yield r, model, guide
 
 
+def fig3_name(dataset: str, missing: list) -> str:
+    """Figure 3's file: a figure without some of the table's rows (their run folders are gone,
+    e.g. in a fresh clone) goes beside the full one instead of overwriting it."""
+    name = f"fig3_samples_{dataset}.png"
+    if not missing:
+        return name
+    partial = f"fig3_samples_{dataset}.partial.png"
+    print(f"[vrnn bench] Figure 3 ({dataset}): no checkpoint for {', '.join(missing)}; the "
+          f"other rows are drawn to {partial} and {name} is left as it was")
+    return partial
+
+
 def draw_figures(results: list[dict], args, datasets=("jsb", "fsdd"), cache=None) -> None:
     """Figure 3 (a generated sequence of every trained row of a dataset, read back from the run
     folders, so rows trained by separate invocations share one figure) and Figure 2 (from the
     FSDD VRNN-GMM row, else VRNN-Gauss)."""
     cache = {} if cache is None else cache
     for dataset in datasets:
-        samples, fig2_source = {}, None
-        for r, model, guide in trained_rows(results, args, dataset):
+        samples, fig2_source, missing = {}, None, []
+        for r, model, guide in trained_rows(results, args, dataset, missing):
             pyro.set_rng_seed(args.seed)
             with torch.no_grad():
                 samples[f"{r['label']} ({dataset})"] = model(
@@ -341,7 +359,7 @@ def draw_figures(results: list[dict], args, datasets=("jsb", "fsdd"), cache=None
                     fig2_source is None or r["row"] == "fsdd-vrnn-gmm"):
                 fig2_source = (r, model, guide)
         if samples:
-            figure3(samples, args.out / f"fig3_samples_{dataset}.png")
+            figure3(samples, args.out / fig3_name(dataset, missing))
         if fig2_source is not None:
             r, model, guide = fig2_source
             if dataset not in cache:

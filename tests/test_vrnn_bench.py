@@ -49,7 +49,8 @@ def test_variant_flags_are_checked_before_any_data_loads():
 
 def test_rows_stored_before_an_option_existed_are_rebuilt_in_eval_mode(tmp_path):
     """A results.json row without the (later) "dropout" option is rebuilt with its default for
-    the figures, from its checkpoint, in eval mode."""
+    the figures, from its checkpoint, in eval mode; a row without a run folder is named, and
+    Figure 3 without it does not replace the full one."""
     import argparse
 
     import torch
@@ -66,8 +67,14 @@ def test_rows_stored_before_an_option_existed_are_rebuilt_in_eval_mode(tmp_path)
                  "state": {"step": 1}}, tmp_path / "jsb-vrnn" / BEST)
     old = {k: v for k, v in options.items() if k != "dropout"}
     rows = [{"row": "jsb-vrnn", "system": "vrnn", "options": old}]
-    built = list(bench.trained_rows(rows, argparse.Namespace(out=tmp_path), "jsb"))
-    assert len(built) == 1
+    missing = []
+    rows.append({"row": "jsb-rnn", "label": "RNN", "system": "rnn", "options": {"dataset": "jsb"}})
+    rows.append({"row": "fsdd-rnn-gmm", "label": "RNN-GMM", "system": "rnn",
+                 "options": {"dataset": "fsdd"}})
+    built = list(bench.trained_rows(rows, argparse.Namespace(out=tmp_path), "jsb", missing))
+    assert len(built) == 1 and missing == ["RNN"]  # no run folder: listed, not drawn
+    assert bench.fig3_name("jsb", missing) == "fig3_samples_jsb.partial.png"
+    assert bench.fig3_name("jsb", []) == "fig3_samples_jsb.png"
     _, m, g = built[0]
     assert not m.training and not g.training
     assert all(torch.equal(a, b) for a, b in zip(m.parameters(), model.parameters()))
