@@ -16,9 +16,9 @@ Outputs under ``--out`` (default ``benchmarks/results/vrnn``): ``results.json``,
 (seed 000's Figure 2) and ``fig3_samples_{jsb,fsdd}.png`` (Figure 3: generated piano rolls /
 waveforms of every trained row of the table, read back from the run folders; `--figures`
 redraws them alone; when some rows have no run folder, as in a fresh clone, the others go to
-``fig3_samples_<dataset>.partial.png`` and the full figure is kept). Rows of earlier invocations are kept in the table
-(merged by row name when a row finishes, so several invocations may run at once). Per-sequence
-test log-likelihoods are kept, and a second table compares pairs of rows on the same test
+``fig3_samples_<dataset>.partial.png`` and the full figure is kept). Rows of earlier
+invocations are kept in the table (merged by row name when a row finishes, so several
+invocations may run at once). Per-sequence test log-likelihoods are kept, and a second table compares pairs of rows on the same test
 sequences: the mean per-sequence difference with its paired standard error. Every row writes a
 checkpoint at each validation, so a row cut short goes on with the same command plus
 ``--resume`` (``--minutes`` stays the total budget).
@@ -182,15 +182,24 @@ def plot_curve(row: dict, path: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(5, 3.2))
     steps = [r["step"] for r in row["curve"]]
-    ax.plot(steps, [r["loss"] for r in row["curve"]], lw=0.8, label="train (per sequence)")
+    train = [r["loss"] for r in row["curve"]]
+    ax.plot(steps, train, lw=0.6, alpha=0.35, color="C0", label="train (per sequence)")
+    width = max(1, len(train) // 30)  # a running mean shows the trend through batch noise
+    smooth = []
+    if width > 1:
+        kernel = torch.ones(width, dtype=torch.float64) / width
+        smooth = torch.nn.functional.conv1d(torch.tensor(train, dtype=torch.float64)[None, None],
+                                            kernel[None, None]).flatten().tolist()
+        ax.plot(steps[width - 1:], smooth, lw=1.2, color="C0",
+                label=f"train, mean of {width} points")
     valid = [(r["step"], r["valid_loss"]) for r in row["curve"] if "valid_loss" in r]
     if valid:
-        ax.plot(*zip(*valid), "o-", ms=3, label="valid")
+        ax.plot(*zip(*valid), "o-", ms=3, color="C1", label="valid")
     ax.set_xlabel("step")
     ax.set_ylabel("negative ELBO per sequence")
     ax.set_title(row["label"] + f" ({row['options']['dataset']})")
-    lows = [v for _, v in valid] or [r["loss"] for r in row["curve"]]
-    if lows:  # frame the validation curve (the first train losses can be far above it)
+    lows = [v for _, v in valid] + smooth[len(smooth) // 10:] or train
+    if lows:  # frame validation and the smoothed trend (the first train losses are far above)
         pad = 0.15 * (max(lows) - min(lows)) + 1.0
         ax.set_ylim(min(lows) - pad, max(lows) + pad)
     ax.legend()
