@@ -18,9 +18,9 @@ waveforms of every trained row of the table, read back from the run folders; `--
 redraws them alone; when some rows have no run folder, as in a fresh clone, the others go to
 ``fig3_samples_<dataset>.partial.png`` and the full figure is kept). Rows of earlier
 invocations are kept in the table (merged by row name when a row finishes, so several
-invocations may run at once). Per-sequence test log-likelihoods are kept, and a second table compares pairs of rows on the same test
-sequences: the mean per-sequence difference with its paired standard error. Every row writes a
-checkpoint at each validation, so a row cut short goes on with the same command plus
+invocations may run at once). Per-sequence test log-likelihoods are kept, and a second table
+compares pairs of rows on the same test sequences: the mean per-sequence difference with its
+paired standard error. Every row writes a checkpoint at each validation, so a row cut short goes on with the same command plus
 ``--resume`` (``--minutes`` stays the total budget).
 
     python benchmarks/vrnn.py --rows jsb-rnn,jsb-vrnn --minutes 3 --num-samples 500
