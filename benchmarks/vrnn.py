@@ -20,8 +20,8 @@ redraws them alone; when some rows have no run folder, as in a fresh clone, the 
 invocations are kept in the table (merged by row name when a row finishes, so several
 invocations may run at once). Per-sequence test log-likelihoods are kept, and a second table
 compares pairs of rows on the same test sequences: the mean per-sequence difference with its
-paired standard error. Every row writes a checkpoint at each validation, so a row cut short goes on with the same command plus
-``--resume`` (``--minutes`` stays the total budget).
+paired standard error. Every row writes a checkpoint at each validation, so a row cut short
+goes on with the same command plus ``--resume`` (``--minutes`` stays the total budget).
 
     python benchmarks/vrnn.py --rows jsb-rnn,jsb-vrnn --minutes 3 --num-samples 500
     python benchmarks/vrnn.py --rows all --minutes 60            # the full table
