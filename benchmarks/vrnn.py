@@ -190,7 +190,8 @@ def plot_curve(row: dict, path: Path) -> None:
         kernel = torch.ones(width, dtype=torch.float64) / width
         smooth = torch.nn.functional.conv1d(torch.tensor(train, dtype=torch.float64)[None, None],
                                             kernel[None, None]).flatten().tolist()
-        ax.plot(steps[width - 1:], smooth, lw=1.2, color="C0",
+        lag = (width - 1) // 2  # centred on the points it averages
+        ax.plot(steps[lag:lag + len(smooth)], smooth, lw=1.2, color="C0",
                 label=f"train, mean of {width} points")
     valid = [(r["step"], r["valid_loss"]) for r in row["curve"] if "valid_loss" in r]
     if valid:
@@ -318,8 +319,8 @@ def paired_differences(rows: list[dict]) -> list[tuple]:
 
 def trained_rows(results: list[dict], args, dataset: str, missing: list | None = None):
     """``(row, model, guide)`` for every row of ``dataset`` in the table whose run folder under
-    ``--out`` still holds a checkpoint (the best-validation one where it exists); the labels of
-    the rows without one are appended to ``missing`` (run folders are not committed)."""
+    ``--out`` still holds a checkpoint (the best-validation one where it exists); the rows
+    without one are appended to ``missing`` (run folders are not committed)."""
     from pyro_seqlatent.infer.train import CHECKPOINT
 
     for r in results:
@@ -329,7 +330,7 @@ def trained_rows(results: list[dict], args, dataset: str, missing: list | None =
         ckpt = next((run_dir / f for f in (BEST, CHECKPOINT) if (run_dir / f).exists()), None)
         if ckpt is None:
             if missing is not None:
-                missing.append(r["label"])
+                missing.append(r)
             continue
         pyro.clear_param_store()
         spec = get_model(r["system"])  # rows stored before an option existed get its default
@@ -347,9 +348,20 @@ def fig3_name(dataset: str, missing: list) -> str:
     if not missing:
         return name
     partial = f"fig3_samples_{dataset}.partial.png"
-    print(f"[vrnn bench] Figure 3 ({dataset}): no checkpoint for {', '.join(missing)}; the "
-          f"other rows are drawn to {partial} and {name} is left as it was")
+    print(f"[vrnn bench] Figure 3 ({dataset}): no checkpoint for "
+          f"{', '.join(r['label'] for r in missing)}; the other rows are drawn to {partial} and "
+          f"{name} is left as it was")
     return partial
+
+
+def fig2_name(source_row: str, missing: list) -> str:
+    """Figure 2 is drawn from the FSDD VRNN-GMM row; drawn from VRNN-Gauss because that row's
+    run folder is gone, it goes beside the full one instead of overwriting it."""
+    if source_row != "fsdd-vrnn-gmm" and any(r["row"] == "fsdd-vrnn-gmm" for r in missing):
+        print("[vrnn bench] Figure 2: no checkpoint for the FSDD VRNN-GMM row; drawn from "
+              "VRNN-Gauss to fig2_kl_delta.partial.png, fig2_kl_delta.png is left as it was")
+        return "fig2_kl_delta.partial.png"
+    return "fig2_kl_delta.png"
 
 
 def draw_figures(results: list[dict], args, datasets=("jsb", "fsdd"), cache=None) -> None:
@@ -369,11 +381,14 @@ def draw_figures(results: list[dict], args, datasets=("jsb", "fsdd"), cache=None
                 fig2_source = (r, model, guide)
         if samples:
             figure3(samples, args.out / fig3_name(dataset, missing))
+        elif missing:
+            print(f"[vrnn bench] Figures ({dataset}): no row of the table has a checkpoint under "
+                  f"{args.out}; nothing drawn")
         if fig2_source is not None:
             r, model, guide = fig2_source
             if dataset not in cache:
                 cache[dataset] = get_model(r["system"]).datasets(r["options"], None)
-            figure2(model, guide, cache[dataset], args.out / "fig2_kl_delta.png")
+            figure2(model, guide, cache[dataset], args.out / fig2_name(r["row"], missing))
 
 
 def main(argv=None):

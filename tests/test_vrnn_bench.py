@@ -72,9 +72,13 @@ def test_rows_stored_before_an_option_existed_are_rebuilt_in_eval_mode(tmp_path)
     rows.append({"row": "fsdd-rnn-gmm", "label": "RNN-GMM", "system": "rnn",
                  "options": {"dataset": "fsdd"}})
     built = list(bench.trained_rows(rows, argparse.Namespace(out=tmp_path), "jsb", missing))
-    assert len(built) == 1 and missing == ["RNN"]  # no run folder: listed, not drawn
+    assert len(built) == 1 and [r["row"] for r in missing] == ["jsb-rnn"]  # listed, not drawn
     assert bench.fig3_name("jsb", missing) == "fig3_samples_jsb.partial.png"
     assert bench.fig3_name("jsb", []) == "fig3_samples_jsb.png"
+    gmm = [{"row": "fsdd-vrnn-gmm", "label": "VRNN-GMM"}]
+    assert bench.fig2_name("fsdd-vrnn-gauss", gmm) == "fig2_kl_delta.partial.png"
+    assert bench.fig2_name("fsdd-vrnn-gauss", []) == "fig2_kl_delta.png"  # no GMM row at all
+    assert bench.fig2_name("fsdd-vrnn-gmm", []) == "fig2_kl_delta.png"
     _, m, g = built[0]
     assert not m.training and not g.training
     assert all(torch.equal(a, b) for a, b in zip(m.parameters(), model.parameters()))
