@@ -486,7 +486,8 @@ def run_cell(name, cell, args, out_dir: Path) -> tuple[dict, dict]:
         "command": cell_command(cell, name, args),
         "anchor_mse": anchor_for(cell, base_label, protocol),  # same test metric
     }
-    figures = [plot_learning_curve(run_dir, title=f"{label} {cell} {protocol}")]
+    where = " ".join(str(v) for v in cell.values())  # e.g. "hopper extrap 0.2"
+    figures = [plot_learning_curve(run_dir, title=f"{label}: {where} ({protocol})")]
     if spec.plot is not None:
         figures += list(spec.plot(model, guide, datasets, spec.options(**options), run_dir))
     row["figures"] = [str(f) for f in figures]

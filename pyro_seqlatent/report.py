@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import textwrap
 import time
 import traceback
 from pathlib import Path
@@ -47,7 +48,7 @@ def plot_learning_curve(run_dir: str | Path, out: str | Path | None = None,
     if hi > lo:
         ax.set_ylim(lo - 0.05 * (hi - lo), hi + 0.05 * (hi - lo))
     ax.legend(frameon=False)
-    ax.set_title(title or run_dir.name)
+    ax.set_title(textwrap.fill(title or run_dir.name, 60), fontsize=9)  # long tags wrap
     fig.tight_layout()
     out = Path(out or run_dir / "learning_curve.png")
     fig.savefig(out, dpi=110)
