@@ -93,15 +93,13 @@ def resume_changes(run_dir: Path) -> list[dict]:
     """The settings a resume changed (``lr``, ``clip_norm``: ``train`` keeps them in its
     checkpoint's state), so that a recovered row does not pass for one trained with its
     command's settings throughout."""
-    import torch
-
+    from pyro_seqlatent.infer.checkpoint import load_checkpoint
     from pyro_seqlatent.infer.train import CHECKPOINT
 
     path = Path(run_dir) / CHECKPOINT
     if not path.exists():
         return []
-    state = torch.load(path, map_location="cpu", weights_only=False)["state"]
-    return list(state.get("resume_changes", []))
+    return list(load_checkpoint(path)["state"].get("resume_changes", []))
 
 
 def describe_changes(changes: list[dict], scored_step: int | None = None) -> str:

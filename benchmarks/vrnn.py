@@ -187,9 +187,8 @@ def plot_curve(row: dict, path: Path) -> None:
     width = max(1, len(train) // 30)  # a running mean shows the trend through batch noise
     smooth = []
     if width > 1:
-        kernel = torch.ones(width, dtype=torch.float64) / width
-        smooth = torch.nn.functional.conv1d(torch.tensor(train, dtype=torch.float64)[None, None],
-                                            kernel[None, None]).flatten().tolist()
+        smooth = torch.nn.functional.avg_pool1d(
+            torch.tensor(train, dtype=torch.float64)[None, None], width, 1).flatten().tolist()
         lag = (width - 1) // 2  # centred on the points it averages
         ax.plot(steps[lag:lag + len(smooth)], smooth, lw=1.2, color="C0",
                 label=f"train, mean of {width} points")

@@ -178,4 +178,3 @@ def test_a_row_resumed_with_another_lr_says_so(tmp_path):
         change + ", after the scored state")
     assert row["scored"].endswith(", after the scored state") == (
         row["scored_step"] <= first["steps"])
-
