@@ -157,6 +157,16 @@ def reference_record_mse(pred: torch.Tensor, values: torch.Tensor,
     return float(per_record.sum()), per_record.numel()
 
 
+def observed_mse_sums(pred: torch.Tensor, values: torch.Tensor,
+                      mask: torch.Tensor) -> tuple[float, float]:
+    """``(sum of squared errors over observed entries, number of observed entries)``, ``pred``
+    with optional leading sample dimensions (each sample counted). Their ratio is the MSE
+    pooled over observations, the weighting of the Gaussian likelihood in the ELBO, where
+    :func:`reference_record_mse` gives every record and every variable the same weight."""
+    m = mask.expand_as(pred)
+    return float(((pred - values) ** 2 * m).sum()), float(m.sum())
+
+
 def reference_first_point(pred: torch.Tensor, batch: dict) -> torch.Tensor:
     """``pred`` with each sequence's first time point replaced as the reference's ODE-RNN and
     RNN baselines do (``lib/ode_rnn.py``, ``lib/rnn_baselines.py``: ``utils.shift_outputs`` with
@@ -174,22 +184,26 @@ def reference_first_point(pred: torch.Tensor, batch: dict) -> torch.Tensor:
 
 @torch.no_grad()
 def reference_test_mse(model, guide, dataset, batch_size=50) -> dict:
-    """Test MSE scored the reference's way (see the module docstring): ``{"test_mse", ...}``;
-    baselines also report ``test_mse_without_first_point_rule``."""
+    """Test MSE scored the reference's way (see the module docstring): ``{"test_mse", ...}``,
+    with ``test_mse_pooled`` (:func:`observed_mse_sums`) beside it; baselines also report
+    ``test_mse_without_first_point_rule``."""
     model.eval()
-    sse = count = plain = 0.0
+    sse = count = plain = pooled_sse = pooled_count = 0.0
     for batch in DataLoader(dataset, batch_size=batch_size, collate_fn=union_grid_collate):
         if hasattr(model, "predict"):  # deterministic one-step baselines
             pred = model.predict(**batch)
-            s, c = reference_record_mse(reference_first_point(pred, batch), batch["values"],
-                                        batch["mask"])
+            scored = reference_first_point(pred, batch)
             plain += reference_record_mse(pred, batch["values"], batch["mask"])[0]
         else:  # mean over z0 samples of each sample's MSE
-            samples = forecast(model, guide, batch, num_samples=REFERENCE_LATENT_SAMPLES)
-            s, c = reference_record_mse(samples["samples"], batch["values"], batch["mask"])
+            scored = forecast(model, guide, batch,
+                              num_samples=REFERENCE_LATENT_SAMPLES)["samples"]
+        s, c = reference_record_mse(scored, batch["values"], batch["mask"])
+        ps, pc = observed_mse_sums(scored, batch["values"], batch["mask"])
         sse, count = sse + s, count + c
+        pooled_sse, pooled_count = pooled_sse + ps, pooled_count + pc
     model.train()
-    out = {"test_mse": sse / max(count, 1.0)}
+    out = {"test_mse": sse / max(count, 1.0),
+           "test_mse_pooled": pooled_sse / max(pooled_count, 1.0)}
     if hasattr(model, "predict"):
         out["test_mse_without_first_point_rule"] = plain / max(count, 1.0)
     return out
@@ -496,6 +510,25 @@ def run_cell(name, cell, args, out_dir: Path) -> tuple[dict, dict]:
     return row, datasets
 
 
+def rescore(run_dirs: list[str], which: str = "best") -> list[dict]:
+    """Score trained rows again from their run folders' checkpoints: the test MSE of the row's
+    protocol and, under ``reference``, the pooled MSE beside it. The z0 samples are drawn anew
+    (seed 0), so a Latent ODE's figure can differ from its row's in the third digit."""
+    out = []
+    for path in run_dirs:
+        run = load_run(path, which=which)
+        protocol = run.options.get("protocol", "ours")
+        pyro.set_rng_seed(0)
+        test = run.datasets()["test"]
+        scores = (reference_test_mse(run.model, run.guide, test) if protocol == "reference"
+                  else {"test_mse": test_mse(run.model, run.guide, test)})
+        step = torch.load(run.checkpoint, map_location="cpu",
+                          weights_only=False)["state"]["step"]
+        out.append({"run": str(path), "checkpoint": which, "step": step,
+                    "protocol": protocol, **scores})
+    return out
+
+
 def persistence_row(cell: dict, args, datasets: dict | None = None) -> dict:
     """The ``persistence`` row of a cell (no training; ``datasets`` reused when given)."""
     protocol = cell_protocol(cell, args)
@@ -753,12 +786,20 @@ def build_parser() -> argparse.ArgumentParser:
                    help="skip the persistence row of each cell")
     p.add_argument("--no-solve-bench", action="store_true")
     p.add_argument("--out", default="benchmarks/results/latent_ode")
+    p.add_argument("--rescore", nargs="+", metavar="RUN_DIR",
+                   help="train nothing: score these run folders' best checkpoints again and "
+                        "print their test MSE (and, under the reference protocol, the MSE "
+                        "pooled over observations, the ELBO's weighting) as JSON lines")
     return p
 
 
 def main(argv=None):
     p = build_parser()
     args = p.parse_args(argv)
+    if args.rescore:
+        for row in rescore(args.rescore):
+            print(json.dumps(row), flush=True)
+        return
     unknown = sorted(set(args.models) - set(MODELS))
     if unknown:
         p.error(f"--models {unknown}: use any of {list(MODELS)}")

@@ -222,6 +222,9 @@ def test_reference_latent_ode_score_is_mean_of_sample_mses():
     per_sample = [float(((s - batch["values"]) ** 2 * batch["mask"]).sum() / batch["mask"].sum())
                   for s in samples]
     assert score == pytest.approx(sum(per_sample) / 3, rel=1e-5)
+    torch.manual_seed(1)  # every series has 4 observed points: pooled = per-record mean here
+    assert bench.reference_test_mse(model, guide, items)["test_mse_pooled"] == pytest.approx(
+        sum(per_sample) / 3, rel=1e-5)
 
 
 def test_markdown_anchor_only_for_reference_rows():

@@ -83,6 +83,25 @@ def test_a_tagged_variant_trains_the_changed_model_beside_the_default_row(tmp_pa
     assert json.loads(again.train_options) == {"optimizer": "adamax", "lr_min_factor": 0.1}
 
 
+def test_rescore_scores_a_row_again_from_its_best_checkpoint(tmp_path, capsys):
+    common = ["--cells", "periodic:interp:0.5", "--models", "latent_ode", "--n-series", "30",
+              "--valid-every", "5", "--no-persistence", "--no-solve-bench", "--out", str(tmp_path)]
+    bench.main(["--minutes", "0.03"] + common)
+    row = json.loads((tmp_path / "results.json").read_text())["rows"][0]
+    run = tmp_path / "periodic-interp-0.5-latent_ode"
+    capsys.readouterr()
+    bench.main(["--rescore", str(run)])
+    lines = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
+    assert len(lines) == 1 and lines[0]["step"] == row["scored_step"]
+    assert lines[0]["protocol"] == "ours" and "test_mse_pooled" not in lines[0]
+    # new z0 samples, the same weights: close to the row's figure, and repeatable (seed 0)
+    assert lines[0]["test_mse"] == pytest.approx(row["test_mse"], rel=0.2)
+    bench.main(["--rescore", str(run)])
+    assert json.loads(capsys.readouterr().out)["test_mse"] == lines[0]["test_mse"]
+    with pytest.raises(FileNotFoundError, match="run folder not found"):
+        bench.main(["--rescore", str(tmp_path / "nowhere")])
+
+
 def test_tagged_prefix_rows_through_subprocesses_keep_their_options(tmp_path):
     bench.main(["--minutes", "0.02", "--cells", "periodic:extrap:0.5", "--models", "latent_ode",
                 "--n-series", "30", "--valid-every", "0", "--no-persistence", "--no-solve-bench",

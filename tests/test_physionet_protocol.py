@@ -66,6 +66,12 @@ def test_record_mse_equals_the_reference_loop():
     # differs from the mean over observed entries whenever counts differ
     flat = float(((pred[0] - values) ** 2 * mask).sum() / mask.sum())
     assert abs(flat - total / count) > 1e-3
+    sse, n = _bench().observed_mse_sums(pred[0], values, mask)
+    assert n == float(mask.sum()) and sse / n == pytest.approx(flat, rel=1e-6)
+    # with samples: every sample's entries counted, so the ratio is the samples' pooled mean
+    sse, n = _bench().observed_mse_sums(pred, values, mask)
+    per_sample = [float(((p - values) ** 2 * mask).sum()) for p in pred]
+    assert n == S * float(mask.sum()) and sse == pytest.approx(sum(per_sample), rel=1e-6)
 
 
 @pytest.mark.data
