@@ -19,6 +19,7 @@ from pyro_seqlatent.models.latent_ode import (
     forecast,
     nfe_metrics,
     reset_nfe,
+    variable_weights,
 )
 from pyro_seqlatent.models.ode_rnn import ODERNN, EmptyGuide, RNNDeltaT
 from pyro_seqlatent.nn.ode import CountingField
@@ -119,6 +120,65 @@ def test_masked_entries_do_not_change_the_loss():
     # a visible entry does change it (the test can fail)
     assert not torch.allclose(_model_trace(model, z0, dict(batch, values=batch["values"] + 1))
                               .log_prob_sum(), lp)
+
+
+def _multivariate_batch():
+    """3 series, 6 times, 3 variables measured unequally often (series 2: equally often)."""
+    g = torch.Generator().manual_seed(3)
+    mask = torch.tensor([[[1, 1, 0], [1, 0, 0], [1, 0, 0], [1, 1, 0], [1, 0, 0], [0, 0, 0]],
+                         [[0, 1, 1], [0, 0, 1], [0, 0, 1], [0, 0, 1], [0, 0, 1], [0, 1, 1]],
+                         [[1, 1, 1], [0, 0, 0], [1, 1, 1], [0, 0, 0], [0, 0, 0], [0, 0, 0]]],
+                        dtype=torch.float32)
+    values = torch.randn(3, 6, 3, generator=g) * mask
+    times = torch.linspace(0.1, 1.0, 6)
+    return {"values": values, "mask": mask, "times": times}
+
+
+def test_variable_weights_spread_each_series_total_equally_over_its_variables():
+    mask = _multivariate_batch()["mask"]
+    w = variable_weights(mask)
+    torch.testing.assert_close(w.sum((-1, -2)), mask.sum((-1, -2)))  # N_b kept
+    per_variable = w.sum(-2)  # each observed variable weighs N_b / V_b
+    torch.testing.assert_close(per_variable[0], torch.tensor([7 / 2, 7 / 2, 0.0]))
+    torch.testing.assert_close(per_variable[1], torch.tensor([0.0, 8 / 2, 8 / 2]))
+    torch.testing.assert_close(w[2], mask[2])  # equal counts: the ELBO's weights
+    assert (w[mask == 0] == 0).all()
+    assert (variable_weights(torch.zeros(1, 4, 2)) == 0).all()
+
+
+def test_variable_weighting_against_a_direct_per_variable_mean():
+    torch.manual_seed(0)
+    batch = _multivariate_batch()
+    point = LatentODEModel(3, 4)
+    weighted = LatentODEModel(3, 4, obs_weighting="variable")
+    weighted.load_state_dict(point.state_dict())
+    z0 = torch.randn(3, 4)
+    tr_point, tr_weighted = _model_trace(point, z0, batch), _model_trace(weighted, z0, batch)
+    loc = tr_point.nodes["_RETURN"]["value"]
+    normal = torch.distributions.Normal(loc, point.obs_std)
+    for b in range(3):
+        m = batch["mask"][b].bool()
+        lp = normal.log_prob(batch["values"])[b]
+        direct_point = lp[m].sum()
+        observed = [d for d in range(3) if m[:, d].any()]
+        direct_weighted = m.sum() / len(observed) * sum(lp[m[:, d], d].mean() for d in observed)
+        torch.testing.assert_close(_site_log_prob(tr_point, "x")[b], direct_point)
+        torch.testing.assert_close(_site_log_prob(tr_weighted, "x")[b], direct_weighted)
+    # series 2 measures its variables equally often: the two weightings agree there only
+    lp_weighted, lp_point = _site_log_prob(tr_weighted, "x"), _site_log_prob(tr_point, "x")
+    torch.testing.assert_close(lp_weighted[2], lp_point[2])
+    assert not torch.isclose(lp_weighted[:2], lp_point[:2]).any()
+    # unobserved entries stay out of the weighted term, and SVI runs with particle dimensions
+    changed = dict(batch, values=torch.where(batch["mask"] > 0, batch["values"], 1e3))
+    torch.testing.assert_close(_model_trace(weighted, z0, changed).log_prob_sum(),
+                               tr_weighted.log_prob_sum())
+    guide = LatentODEGuide(3, 4, hidden_dim=8)
+    elbo = pyro.infer.Trace_ELBO(num_particles=2, vectorize_particles=True)
+    loss = elbo.differentiable_loss(weighted, guide, **batch)
+    loss.backward()
+    assert torch.isfinite(loss) and weighted.decoder.net[-1].weight.grad is not None
+    with pytest.raises(ValueError, match="obs_weighting"):
+        LatentODEModel(3, 4, obs_weighting="feature")
 
 
 def test_union_grid_and_per_sequence_batches_give_the_same_likelihood():

@@ -14,6 +14,21 @@ plus, when ``poisson=True``, the Poisson-process factor over observation times (
 .. math:: \log p(t_1, \dots, t_N \mid z) = \sum_{i,r} e_{i,r} \log\lambda_r(z(t_i))
           - \sum_r \bigl(\Lambda_r(t_\mathrm{end}) - \Lambda_r(t_\mathrm{start})\bigr),
 
+With ``obs_weighting="variable"`` the observation term of sequence :math:`b` is reweighted so
+that every observed variable weighs the same, however often it was measured (the weighting of the
+reference's PhysioNet loss and score, which average per variable):
+
+.. math::
+    \sum_{i,d} w_{b,i,d} \log\mathcal N\bigl(x_{b,i,d} \mid \mathrm{dec}(z(t_{b,i}))_d,
+    \sigma^2\bigr),\qquad
+    w_{b,i,d} = m_{b,i,d}\,\frac{N_b}{V_b\, n_{b,d}},
+
+with :math:`n_{b,d} = \sum_i m_{b,i,d}` observations of variable :math:`d`,
+:math:`N_b = \sum_d n_{b,d}` and :math:`V_b` the number of observed variables: the weights keep
+the total :math:`\sum_{i,d} w_{b,i,d} = N_b` (the likelihood's balance against the KL), and equal
+the mask when every observed variable has as many observations. The objective is then no
+longer a bound on :math:`\log p(x)` (``"point"``, the default, is the ELBO).
+
 with one rate per feature (``poisson_rates="per_feature"``, the reference; events
 :math:`e_{i,d} = m_{i,d}`) or one shared rate (``"shared"``; :math:`e_i = \max_d m_{i,d}`).
 The window is :math:`[t_0, t_\mathrm{end}]`, :math:`t_\mathrm{end}` = last time of the batch grid
@@ -51,6 +66,53 @@ from pyro_seqlatent.nn.ode import (
 
 GUIDES = ("meanfield", "planar", "radial", "iaf", "iaf_gated", "nice", "real_nvp")
 POISSON_RATES = ("per_feature", "shared")
+OBS_WEIGHTINGS = ("point", "variable")
+
+
+def variable_weights(mask: torch.Tensor) -> torch.Tensor:
+    r"""The weights :math:`w_{b,i,d} = m_{b,i,d} N_b / (V_b n_{b,d})` of
+    ``obs_weighting="variable"`` (module docstring), shape of ``mask`` ``(B, N, D)``; a sequence
+    with no observation gets weight 0 everywhere."""
+    m = mask.to(torch.get_default_dtype() if not mask.is_floating_point() else mask.dtype)
+    per_variable = m.sum(-2, keepdim=True)  # n_{b,d}: (B, 1, D)
+    total = per_variable.sum(-1, keepdim=True)  # N_b: (B, 1, 1)
+    seen = (per_variable > 0).sum(-1, keepdim=True).clamp(min=1)  # V_b
+    return m * total / (seen * per_variable.clamp(min=1))
+
+
+class Weighted(dist.TorchDistribution):
+    r"""``base_dist`` whose ``log_prob`` is multiplied elementwise by ``weight`` (broadcast to its
+    batch shape; entries of weight 0 give 0 whatever the value, as a mask); samples are the base
+    distribution's. For a reweighted likelihood, not a normalised density."""
+
+    arg_constraints = {}
+
+    def __init__(self, base_dist: dist.TorchDistribution, weight: torch.Tensor):
+        batch_shape = torch.broadcast_shapes(weight.shape, base_dist.batch_shape)
+        self.base_dist = base_dist.expand(batch_shape)
+        self.weight = weight.expand(batch_shape)
+        super().__init__(batch_shape, base_dist.event_shape, validate_args=False)
+
+    @property
+    def support(self):
+        return self.base_dist.support
+
+    @property
+    def has_rsample(self):
+        return self.base_dist.has_rsample
+
+    def expand(self, batch_shape, _instance=None):
+        return Weighted(self.base_dist, self.weight.expand(batch_shape))
+
+    def sample(self, sample_shape=torch.Size()):
+        return self.base_dist.sample(sample_shape)
+
+    def rsample(self, sample_shape=torch.Size()):
+        return self.base_dist.rsample(sample_shape)
+
+    def log_prob(self, value):
+        log_p = self.base_dist.log_prob(value)
+        return torch.where(self.weight > 0, self.weight * log_p, log_p.new_zeros(()))
 
 
 def check_batch(values, mask, times, obs_mask=None, t0: float | None = None):
@@ -106,6 +168,8 @@ class LatentODEModel(nn.Module):
     :param obs_std: :math:`\sigma` (the reference: 0.01, and 1e-3 on hopper).
     :param poisson: add the Poisson-process factor ``"poisson"``.
     :param poisson_rates: ``"per_feature"`` or ``"shared"``.
+    :param obs_weighting: ``"point"`` (the ELBO: every observation weighs 1) or ``"variable"``
+        (every observed variable of a sequence weighs the same; module docstring).
     :param method, rtol, atol, adjoint: torchdiffeq solver settings (dopri5, 1e-3, 1e-4).
     :param t0: time at which ``z0`` lives (times must be ``>= t0``).
     """
@@ -115,10 +179,14 @@ class LatentODEModel(nn.Module):
                  decoder_hidden_dims: Sequence[int] = (), obs_std: float = 0.01,
                  poisson: bool = False, poisson_rates: str = "per_feature",
                  rate_hidden_dims: Sequence[int] = (50,), method: str = "dopri5",
-                 rtol: float = 1e-3, atol: float = 1e-4, adjoint: bool = False, t0: float = 0.0):
+                 rtol: float = 1e-3, atol: float = 1e-4, adjoint: bool = False, t0: float = 0.0,
+                 obs_weighting: str = "point"):
         super().__init__()
         if poisson_rates not in POISSON_RATES:
             raise ValueError(f"poisson_rates={poisson_rates!r}: use one of {POISSON_RATES}")
+        if obs_weighting not in OBS_WEIGHTINGS:
+            raise ValueError(f"obs_weighting={obs_weighting!r}: use one of {OBS_WEIGHTINGS}")
+        self.obs_weighting = obs_weighting
         if not obs_std > 0:
             raise ValueError(f"obs_std must be positive, got {obs_std!r}")
         self.data_dim, self.latent_dim = int(data_dim), int(latent_dim)
@@ -170,8 +238,10 @@ class LatentODEModel(nn.Module):
             z0 = pyro.sample("z0", prior)
             z, cum_rate = self.solve(z0, times)
             loc = self.decoder(z)
-            pyro.sample("x", dist.Normal(loc, self.obs_std).mask(mask.bool()).to_event(2),
-                        obs=values)
+            like = dist.Normal(loc, self.obs_std)
+            like = (like.mask(mask.bool()) if self.obs_weighting == "point"
+                    else Weighted(like, variable_weights(mask)))
+            pyro.sample("x", like.to_event(2), obs=values)
             if self.poisson:
                 events = torch.maximum(mask, obs_mask).to(values.dtype)
                 pyro.factor("poisson", self.poisson_log_likelihood(z, cum_rate, events))
@@ -379,7 +449,8 @@ def build_latent_ode(options: dict):
     model = LatentODEModel(d, latent, ode_hidden, obs_std=options["obs_std"],
                            poisson=options["poisson"], poisson_rates=options["poisson_rates"],
                            method=options["method"], rtol=options["rtol"], atol=options["atol"],
-                           adjoint=options["adjoint"])
+                           adjoint=options["adjoint"],
+                           obs_weighting=options.get("obs_weighting", "point"))
     guide = LatentODEGuide(d, latent, options["hidden_dim"], ode_hidden, guide=options["guide"],
                            num_flows=options["num_flows"])
     apply_init(options["init"], model, guide)
@@ -488,6 +559,7 @@ def _register():
             "atol": 1e-4,
             "adjoint": False,
             "obs_std": 0.01,
+            "obs_weighting": "point",
             "init": "torch",
         },
         collate_fn=union_grid_collate,
