@@ -144,6 +144,8 @@ def test_variable_weights_spread_each_series_total_equally_over_its_variables():
     torch.testing.assert_close(w[2], mask[2])  # equal counts: the ELBO's weights
     assert (w[mask == 0] == 0).all()
     assert (variable_weights(torch.zeros(1, 4, 2)) == 0).all()
+    torch.testing.assert_close(variable_weights(mask.bool()), w)  # bool/int masks: same weights
+    torch.testing.assert_close(variable_weights(mask.long()), w)
 
 
 def test_variable_weighting_against_a_direct_per_variable_mean():

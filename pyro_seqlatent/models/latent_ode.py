@@ -14,9 +14,14 @@ plus, when ``poisson=True``, the Poisson-process factor over observation times (
 .. math:: \log p(t_1, \dots, t_N \mid z) = \sum_{i,r} e_{i,r} \log\lambda_r(z(t_i))
           - \sum_r \bigl(\Lambda_r(t_\mathrm{end}) - \Lambda_r(t_\mathrm{start})\bigr),
 
+with one rate per feature (``poisson_rates="per_feature"``, the reference; events
+:math:`e_{i,d} = m_{i,d}`) or one shared rate (``"shared"``; :math:`e_i = \max_d m_{i,d}`).
+The window is :math:`[t_0, t_\mathrm{end}]`, :math:`t_\mathrm{end}` = last time of the batch grid
+(per-sequence grids: the sequence's own last time).
+
 With ``obs_weighting="variable"`` the observation term of sequence :math:`b` is reweighted so
-that every observed variable weighs the same, however often it was measured (the weighting of the
-reference's PhysioNet loss and score, which average per variable):
+that every observed variable weighs the same, however often it was measured (within a record, the
+weighting of the reference's PhysioNet loss and score, which average per variable):
 
 .. math::
     \sum_{i,d} w_{b,i,d} \log\mathcal N\bigl(x_{b,i,d} \mid \mathrm{dec}(z(t_{b,i}))_d,
@@ -28,11 +33,6 @@ with :math:`n_{b,d} = \sum_i m_{b,i,d}` observations of variable :math:`d`,
 the total :math:`\sum_{i,d} w_{b,i,d} = N_b` (the likelihood's balance against the KL), and equal
 the mask when every observed variable has as many observations. The objective is then no
 longer a bound on :math:`\log p(x)` (``"point"``, the default, is the ELBO).
-
-with one rate per feature (``poisson_rates="per_feature"``, the reference; events
-:math:`e_{i,d} = m_{i,d}`) or one shared rate (``"shared"``; :math:`e_i = \max_d m_{i,d}`).
-The window is :math:`[t_0, t_\mathrm{end}]`, :math:`t_\mathrm{end}` = last time of the batch grid
-(per-sequence grids: the sequence's own last time).
 
 Guide: the ODE-RNN encoder (:func:`pyro_seqlatent.nn.ode.run_odernn`) runs backwards from
 :math:`t_N` to :math:`t_0` over the encoder-visible entries ``obs_mask`` and its final state is
@@ -73,7 +73,7 @@ def variable_weights(mask: torch.Tensor) -> torch.Tensor:
     r"""The weights :math:`w_{b,i,d} = m_{b,i,d} N_b / (V_b n_{b,d})` of
     ``obs_weighting="variable"`` (module docstring), shape of ``mask`` ``(B, N, D)``; a sequence
     with no observation gets weight 0 everywhere."""
-    m = mask.to(torch.get_default_dtype() if not mask.is_floating_point() else mask.dtype)
+    m = (mask != 0).to(mask.dtype if mask.is_floating_point() else torch.get_default_dtype())
     per_variable = m.sum(-2, keepdim=True)  # n_{b,d}: (B, 1, D)
     total = per_variable.sum(-1, keepdim=True)  # N_b: (B, 1, 1)
     seen = (per_variable > 0).sum(-1, keepdim=True).clamp(min=1)  # V_b
@@ -240,7 +240,7 @@ class LatentODEModel(nn.Module):
             loc = self.decoder(z)
             like = dist.Normal(loc, self.obs_std)
             like = (like.mask(mask.bool()) if self.obs_weighting == "point"
-                    else Weighted(like, variable_weights(mask)))
+                    else Weighted(like, variable_weights(mask).to(loc.dtype)))
             pyro.sample("x", like.to_event(2), obs=values)
             if self.poisson:
                 events = torch.maximum(mask, obs_mask).to(values.dtype)
