@@ -122,3 +122,41 @@ def test_fsdd_real_split_and_normalisation():
     assert train.shape[1] == 200
     # normalised over all train samples (the dropped tails make it approximate)
     assert abs(train.mean().item()) < 0.05 and abs(train.std().item() - 1) < 0.05
+
+
+def test_transpose_rolls_against_shifted_note_lists():
+    from pyro_seqlatent.data.jsb import transpose_rolls
+
+    # a low chorale (lowest note MIDI 22: only one shift down fits) and a high one (top 107)
+    low = [[22, 40], [30], []]
+    high = [[60, 107], [100]]
+    data = SequenceDataset([piano_roll(low), piano_roll(high)], name="toy")
+    out = transpose_rolls(data, 2)
+    expected = [piano_roll([[n + s for n in f] for f in low]) for s in (-1, 0, 1, 2)]
+    expected += [piano_roll([[n + s for n in f] for f in high]) for s in (-2, -1, 0, 1)]
+    assert len(out) == len(expected)
+    for got, want in zip(out.sequences, expected):
+        assert torch.equal(got, want)
+    assert out.num_steps() == 4 * 3 + 4 * 2
+    assert transpose_rolls(data, 0) is data
+    for bad in (-1, 1.5, True):
+        with pytest.raises(ValueError, match="max_shift"):
+            transpose_rolls(data, bad)
+    with pytest.raises(ValueError, match="88-key"):
+        transpose_rolls(SequenceDataset([torch.zeros(3, 5)]), 1)
+
+
+@pytest.mark.data
+def test_transposed_jsb_training_split_only():
+    require_data("jsb_chorales/jsb_chorales.pickle")
+    from pyro_seqlatent.models.vrnn import sequence_datasets
+
+    plain = sequence_datasets({"dataset": "jsb"})
+    moved = sequence_datasets({"dataset": "jsb", "transpose": 3})
+    # every training chorale spans MIDI 43..96 at most, so all 7 shifts fit
+    assert len(moved["train"]) == 7 * len(plain["train"])
+    assert moved["train"].num_steps() == 7 * plain["train"].num_steps()
+    for split in ("valid", "test"):
+        assert all(torch.equal(a, b) for a, b in zip(plain[split], moved[split]))
+    with pytest.raises(ValueError, match="transpose"):
+        sequence_datasets({"dataset": "fsdd", "transpose": 2})

@@ -96,3 +96,37 @@ def load_jsb_splits(root=None, max_sequences: int | None = None) -> dict[str, Se
         seqs = raw[split] if max_sequences is None else raw[split][:max_sequences]
         out[split] = SequenceDataset([piano_roll(s) for s in seqs], name=f"jsb_{split}")
     return out
+
+
+def transpose_rolls(dataset: SequenceDataset, max_shift: int) -> SequenceDataset:
+    r"""Every piano roll of ``dataset`` transposed by every :math:`s \in \{-k, \dots, k\}`
+    semitones (:math:`k` = ``max_shift``) that keeps all its notes on the keyboard:
+    :math:`x^{(s)}_{t,j} = x_{t,j-s}`.
+
+    A training-set augmentation for key-invariant music models (a chorale moved up or down a
+    few semitones is still a plausible chorale); apply it to the training split only, so the
+    validation and test figures stay those of the original chorales. ``max_shift=0`` returns
+    ``dataset`` itself. Shifts that would push a note off the 88 keys are skipped for that roll
+    only, so the result holds at most :math:`2k + 1` versions of each.
+    """
+    if isinstance(max_shift, bool) or not isinstance(max_shift, int) or max_shift < 0:
+        raise ValueError(f"max_shift must be an int >= 0 (semitones), got {max_shift!r}")
+    if max_shift == 0:
+        return dataset
+    if dataset.feature_dim != NUM_KEYS:
+        raise ValueError(f"{dataset.name}: transposition needs {NUM_KEYS}-key piano rolls, got "
+                         f"{dataset.feature_dim} features")
+    out = []
+    for roll in dataset.sequences:
+        keys = roll.sum(0).nonzero().flatten()
+        low, high = (int(keys.min()), int(keys.max())) if len(keys) else (0, NUM_KEYS - 1)
+        for shift in range(-max_shift, max_shift + 1):
+            if low + shift < 0 or high + shift >= NUM_KEYS:
+                continue
+            moved = torch.zeros_like(roll)
+            if shift >= 0:
+                moved[:, shift:] = roll[:, :NUM_KEYS - shift]
+            else:
+                moved[:, :shift] = roll[:, -shift:]
+            out.append(moved)
+    return SequenceDataset(out, name=f"{dataset.name}_transposed{max_shift}")

@@ -557,12 +557,20 @@ DEFAULT_EMISSION = {"jsb": "bernoulli", "fsdd": "gmm"}
 
 def sequence_datasets(options: dict, root=None) -> dict:
     """``{"train", "valid", "test"}`` of the ``dataset`` option (``jsb`` or ``fsdd``);
-    ``max_sequences > 0`` keeps only that many sequences per split."""
+    ``max_sequences > 0`` keeps only that many sequences per split; ``transpose = k > 0``
+    (JSB only) adds every transposition by up to ``k`` semitones of each training chorale
+    (:func:`pyro_seqlatent.data.jsb.transpose_rolls`; validation and test stay as they are)."""
     limit = options.get("max_sequences") or None
+    shift = options.get("transpose", 0)
+    if shift and options["dataset"] != "jsb":
+        raise ValueError(f"transpose={shift!r} applies to piano rolls (dataset='jsb') only; "
+                         f"use transpose=0 with dataset={options['dataset']!r}")
     if options["dataset"] == "jsb":
-        from pyro_seqlatent.data.jsb import load_jsb_splits
+        from pyro_seqlatent.data.jsb import load_jsb_splits, transpose_rolls
 
-        return load_jsb_splits(root, max_sequences=limit)
+        splits = load_jsb_splits(root, max_sequences=limit)
+        splits["train"] = transpose_rolls(splits["train"], shift)
+        return splits
     if options["dataset"] == "fsdd":
         from pyro_seqlatent.data.fsdd import load_fsdd_splits
 
@@ -602,7 +610,8 @@ def _register() -> None:
         defaults={"dataset": "jsb", "emission": "auto", "guide": "meanfield", "num_flows": 2,
                   "z_dim": 32, "h_dim": 128, "feature_dim": 128, "hidden_dim": 128,
                   "num_layers": 1, "rnn": "gru", "num_components": 20, "prior": "learned",
-                  "dropout": 0.0, "smoothing": False, "max_sequences": 0, "generate_length": 50},
+                  "dropout": 0.0, "smoothing": False, "max_sequences": 0, "transpose": 0,
+                  "generate_length": 50},
         collate_fn=pad_collate,
         elbo="DeviceTrace_ELBO",  # Trace_ELBO without per-site host reads
         batch_plate="data",
