@@ -62,7 +62,7 @@ def test_converges_to_analytic_posterior(elbo, extra):
     assert abs(late - exact) < 0.1
 
 
-def _run(tmp_path, name, num_steps, interrupt_at=None, resume=False):
+def _run(tmp_path, name, num_steps, interrupt_at=None, resume=False, **extra):
     pyro.clear_param_store()
     model = NormalNormal(noise=0.5, learn_noise=True)
     guide = AffineNormalGuide()
@@ -75,18 +75,19 @@ def _run(tmp_path, name, num_steps, interrupt_at=None, resume=False):
     kwargs = dict(
         num_steps=num_steps, batch_size=8, lr=0.05, seed=7, checkpoint_every=5,
         valid_every=4, kl_anneal_steps=10, kl_anneal_start=0.1, clip_norm=5.0,
-        lr_schedule="cosine", progress=False,
+        lr_schedule="cosine", progress=False, **extra,
     )
     return train(model, guide, TensorData(x), valid_data=TensorData(x[:20]),
                  run_dir=tmp_path / name, resume=resume, callbacks=[stop], **kwargs), guide
 
 
-def test_resume_reproduces_uninterrupted_run_exactly(tmp_path):
-    full, full_guide = _run(tmp_path, "full", 23)
+@pytest.mark.parametrize("extra", [{}, {"ema_decay": 0.8}])
+def test_resume_reproduces_uninterrupted_run_exactly(tmp_path, extra):
+    full, full_guide = _run(tmp_path, "full", 23, **extra)
     with pytest.raises(KeyboardInterrupt):
-        _run(tmp_path, "cut", 23, interrupt_at=13)  # last checkpoint at step 10 (mid-epoch)
+        _run(tmp_path, "cut", 23, interrupt_at=13, **extra)  # last checkpoint: step 10
     assert load_checkpoint(tmp_path / "cut" / "checkpoint.pt")["state"]["step"] == 10
-    resumed, resumed_guide = _run(tmp_path, "cut", 23, resume=True)
+    resumed, resumed_guide = _run(tmp_path, "cut", 23, resume=True, **extra)
     losses_full = [r["loss"] for r in full.history]
     losses_resumed = [r["loss"] for r in resumed.history]
     assert len(losses_full) == len(losses_resumed) == 23
@@ -595,3 +596,40 @@ def test_a_diverged_run_resumes_from_its_last_good_checkpoint_with_a_lower_lr_an
     # resumed again with the same settings: nothing new is recorded
     assert load_checkpoint(tmp_path / "checkpoint.pt")["state"]["resume_changes"] == saved[
         "state"]["resume_changes"]
+
+
+def test_parameter_average_against_a_hand_computed_one(tmp_path):
+    """The modules handed back, the validation loss and the best checkpoint all hold the
+    average d_t = min(d, (1 + t) / (10 + t)) of the parameter trajectory, recorded step by step."""
+    from pyro_seqlatent.infer.elbos import make_elbo
+    from pyro_seqlatent.infer.train import mean_loss
+
+    decay = 0.9
+    x = conjugate_data(n=40)
+    raw = []
+
+    def record(rec, model, guide):  # callbacks see the optimizer's own parameters
+        raw.append({k: v.detach().clone() for k, v in guide.state_dict().items()})
+
+    pyro.clear_param_store()
+    model, guide = NormalNormal(noise=0.5), AffineNormalGuide()
+    init = {k: v.detach().clone() for k, v in guide.state_dict().items()}
+    result = train(model, guide, TensorData(x), valid_data=TensorData(x[:20]), num_steps=30,
+                   batch_size=10, lr=0.05, valid_every=30, ema_decay=decay, run_dir=tmp_path,
+                   callbacks=[record], progress=False, seed=3)
+    expected = dict(init)
+    for t, values in enumerate(raw, start=1):
+        d = min(decay, (1 + t) / (10 + t))
+        expected = {k: d * expected[k] + (1 - d) * values[k] for k in values}
+    for k, v in guide.state_dict().items():
+        assert torch.allclose(v, expected[k], atol=1e-6), k
+        assert not torch.allclose(v, raw[-1][k], atol=1e-4), k  # it is not the last iterate
+    best = load_checkpoint(tmp_path / "best.pt")
+    for k, v in best["guide"].items():
+        assert torch.allclose(v, expected[k], atol=1e-6), k
+    # the validation loss was computed at the averaged weights (same common random numbers)
+    valid = mean_loss(model, guide, torch.utils.data.DataLoader(TensorData(x[:20]), batch_size=10),
+                      make_elbo("Trace_ELBO"), torch.device("cpu"), None, seed=3)
+    assert valid == pytest.approx(result.history[-1]["valid_loss"], rel=1e-6)
+    with pytest.raises(ValueError, match="ema_decay"):
+        train(model, guide, TensorData(x), num_steps=1, ema_decay=1.0, progress=False)

@@ -20,6 +20,12 @@ modules (and of Pyro's param store), mini-batches from a torch ``DataLoader``, a
   objective; 0 drops the KL and lets the guide's scale collapse). Validation always scores the
   ELBO itself (β = 1);
 * validation every N steps with common random numbers, early stopping on the validation loss;
+* Polyak averaging (``ema_decay`` :math:`= d > 0`): an exponential moving average of every
+  trained parameter, :math:`\bar\theta_t = d_t\,\bar\theta_{t-1} + (1 - d_t)\,\theta_t` after
+  each optimizer step, with :math:`d_t = \min(d, (1 + t) / (10 + t))` so that the first steps
+  are not dominated by the initial values; validation, the best checkpoint and the modules
+  handed back at the end hold :math:`\bar\theta`, while the optimizer keeps stepping
+  :math:`\theta` (both are in every checkpoint, so a resumed run goes on exactly);
 * atomic checkpoints and exact resumption (same loss curve as an uninterrupted run);
 * a guard that stops at the first non-finite loss or gradient, naming the step and the last good
   checkpoint, which it leaves intact;
@@ -138,6 +144,8 @@ class TrainConfig:
     valid_max_batches: int | None = None
     early_stopping_patience: int | None = None
     early_stopping_min_delta: float = 0.0
+    #: Polyak averaging of the parameters (0: off); see the module docstring
+    ema_decay: float = 0.0
     checkpoint_every: int | None = None
     log_every: int = 1
     seed: int = 0
@@ -165,6 +173,9 @@ class TrainConfig:
             raise ValueError(f"lr must be a positive finite number, got {self.lr!r}")
         if self.clip_norm is not None and not self.clip_norm > 0:
             raise ValueError(f"clip_norm must be positive or None, got {self.clip_norm!r}")
+        if not (isinstance(self.ema_decay, (int, float)) and 0.0 <= self.ema_decay < 1.0):
+            raise ValueError(f"ema_decay must lie in [0, 1) (0 turns the averaging off), got "
+                             f"{self.ema_decay!r}")
         if not 0.0 <= self.lr_min_factor <= 1.0:
             raise ValueError(f"lr_min_factor must lie in [0, 1] (a fraction of lr), got "
                              f"{self.lr_min_factor!r}")
@@ -569,6 +580,7 @@ def _train(model, guide, train_data, valid_data, collate_fn, run_dir, resume, ca
         opt_kwargs["betas"] = tuple(cfg.betas)
     optimizer = opt_cls(params, **opt_kwargs)
     scheduler = _make_scheduler(optimizer, cfg, total_steps)
+    averaged = ([p.detach().clone() for p in params] if cfg.ema_decay > 0 else None)
     caches = _flow_caches(model, guide)
     # a JIT ELBO replays its compiled graph, which neither calls the fields' Python forward nor
     # keeps their backward hooks: its counts would be wrong, so it gets none
@@ -602,6 +614,8 @@ def _train(model, guide, train_data, valid_data, collate_fn, run_dir, resume, ca
                     f"resume it with time_budget={saved_clock!r} (got {cfg.time_budget!r})")
             _check_resumed_config(ckpt.get("config"), cfg, run_path)
             _restore(ckpt, model, guide, optimizer, scheduler)
+            if averaged is not None:
+                _restore_average(ckpt, averaged, run_path)
             state.update(ckpt["state"])
             _apply_resumed_lr(optimizer, scheduler, cfg.lr)
             changes = _recovery_changes(ckpt.get("config"), cfg, state["step"])
@@ -649,6 +663,7 @@ def _train(model, guide, train_data, valid_data, collate_fn, run_dir, resume, ca
                 "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(),
                 "rng": rng_state(),
+                "ema": averaged,
                 "state": dict(state),
                 "config": cfg.to_json(),
             },
@@ -746,6 +761,8 @@ def _train(model, guide, train_data, valid_data, collate_fn, run_dir, resume, ca
                 lr_used = optimizer.param_groups[0]["lr"]
                 optimizer.step()
                 scheduler.step()
+                if averaged is not None:
+                    _update_average(averaged, params, cfg.ema_decay, step)
                 for module in caches:
                     module.clear_cache()
                 state["step"] = step
@@ -767,8 +784,9 @@ def _train(model, guide, train_data, valid_data, collate_fn, run_dir, resume, ca
                 final = step >= total_steps or over_time
                 if valid_loader is not None and cfg.valid_every and (
                         step % cfg.valid_every == 0 or final):
-                    valid = mean_loss(model, guide, valid_loader, elbo, device,
-                                      cfg.valid_max_batches, seed=cfg.seed)
+                    with _swapped(params, averaged):
+                        valid = mean_loss(model, guide, valid_loader, elbo, device,
+                                          cfg.valid_max_batches, seed=cfg.seed)
                     record["valid_loss"] = valid
                     if not math.isfinite(valid):
                         raise TrainingDiverged(step, "the validation loss",
@@ -782,7 +800,8 @@ def _train(model, guide, train_data, valid_data, collate_fn, run_dir, resume, ca
                             check_parameters(step)
                             state["elapsed"] = clock() - start_time
                             state["wall_elapsed"] = time.perf_counter() - wall_start
-                            save(write_path / BEST)
+                            with _swapped(params, averaged):  # the weights validated
+                                save(write_path / BEST)
                     else:
                         state["bad_validations"] += 1
                         if (cfg.early_stopping_patience is not None
@@ -812,6 +831,10 @@ def _train(model, guide, train_data, valid_data, collate_fn, run_dir, resume, ca
                     last_ckpt_step = step
                 if is_last:
                     break
+        if averaged is not None:  # hand back the averaged weights, which validation scored
+            with torch.no_grad():
+                for p, a in zip(params, averaged, strict=True):
+                    p.copy_(a)
     finally:
         if prefix is not None:  # the registrations were only for this run's ELBO
             store = pyro.get_param_store()
@@ -901,6 +924,44 @@ def _restore_store_extras(ckpt: dict) -> None:
                 constraint = constraints.get(name, torch.distributions.constraints.real)
                 pyro.param(name, torch.distributions.transform_to(constraint)(value),
                            constraint=constraint)
+
+
+def _update_average(averaged: list[torch.Tensor], params: list[torch.Tensor], decay: float,
+                    step: int) -> None:
+    r""":math:`\bar\theta \leftarrow d_t\bar\theta + (1 - d_t)\theta` with
+    :math:`d_t = \min(d, (1 + t) / (10 + t))` after optimizer step :math:`t`."""
+    d = min(decay, (1.0 + step) / (10.0 + step))
+    with torch.no_grad():
+        for a, p in zip(averaged, params, strict=True):
+            a.lerp_(p.detach(), 1.0 - d)
+
+
+@contextlib.contextmanager
+def _swapped(params: list[torch.Tensor], averaged: list[torch.Tensor] | None):
+    """Inside: the parameters hold the averaged values; on exit, their own values again."""
+    if averaged is None:
+        yield
+        return
+    own = [p.detach().clone() for p in params]
+    with torch.no_grad():
+        for p, a in zip(params, averaged, strict=True):
+            p.copy_(a)
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for p, o in zip(params, own, strict=True):
+                p.copy_(o)
+
+
+def _restore_average(ckpt: dict, averaged: list[torch.Tensor], run_path) -> None:
+    saved = ckpt.get("ema")
+    if saved is None or len(saved) != len(averaged):
+        raise ValueError(f"the checkpoint in {run_path} holds no parameter average for these "
+                         "parameters; resume it with the ema_decay it was trained with")
+    with torch.no_grad():
+        for a, s in zip(averaged, saved, strict=True):
+            a.copy_(s)
 
 
 def _restore(ckpt: dict, model: nn.Module, guide: nn.Module, optimizer, scheduler) -> None:
