@@ -36,11 +36,13 @@ def _log_normal(v, loc, scale):
     return (-0.5 * ((v - loc) / scale) ** 2 - scale.log() - 0.5 * math.log(2 * math.pi)).sum(-1)
 
 
-def test_elbo_equals_hand_computation_for_three_steps():
+@pytest.mark.parametrize("decoder_h", [True, False])
+def test_elbo_equals_hand_computation_for_three_steps(decoder_h):
     """Trace_ELBO's single-sample loss = −Σ_t m_t[log p(x_t|z_t,h_{t−1}) + log p(z_t|h_{t−1})
     − log q(z_t|x_t,h_{t−1})], recomputed here step by step from the networks' weights and the
-    guide's z (fixed noise), with the last step of sequence 1 padded."""
-    model, guide = build_vrnn(6, emission="bernoulli", **SMALL)
+    guide's z (fixed noise), with the last step of sequence 1 padded; with decoder_h=False the
+    emission reads φ_z(z_t) alone."""
+    model, guide = build_vrnn(6, emission="bernoulli", decoder_h=decoder_h, **SMALL)
     batch = ragged_batch(lengths=(3, 2))
     x, mask = batch["x"], batch["mask"]
     loss = seeded_loss(Trace_ELBO(), model, guide, batch)
@@ -56,7 +58,7 @@ def test_elbo_equals_hand_computation_for_three_steps():
             q_loc, q_raw = guide.site_guide.net(torch.cat([fx, h], -1)).chunk(2, -1)
             p_loc, p_raw = core.prior_net(h).chunk(2, -1)
             fz = torch.relu(core.phi_z[0](z))
-            logits = core.emission.net(torch.cat([fz, h], -1))
+            logits = core.emission.net(torch.cat([fz, h], -1) if decoder_h else fz)
             log_px = (x[:, t] * torch.nn.functional.logsigmoid(logits)
                       + (1 - x[:, t]) * torch.nn.functional.logsigmoid(-logits)).sum(-1)
             log_pz = _log_normal(z, p_loc, torch.nn.functional.softplus(p_raw) + 1e-3)
@@ -372,6 +374,20 @@ def test_standard_prior_variant_and_iaf_guide_train_one_step():
         assert torch.equal(fn.loc, torch.zeros(3, 3)) and torch.equal(fn.scale, torch.ones(3, 3))
 
 
+def test_decoder_without_h_generates_and_reuses_the_guide_states_under_particles():
+    model, guide = build_vrnn(6, decoder_h=False, **SMALL)
+    assert model.core.emission.net.net[0].in_features == SMALL["feature_dim"]
+    assert model(length=4, num_sequences=2).shape == (2, 4, 6)
+    batch = ragged_batch()
+    elbo = Trace_ELBO(num_particles=3, vectorize_particles=True, max_plate_nesting=1)
+    losses = []
+    for reuse in (True, False):
+        model.core.reuse_guide_states = reuse
+        pyro.set_rng_seed(5)
+        losses.append(elbo.loss(model, guide, **batch))
+    assert losses[0] == pytest.approx(losses[1], rel=1e-6)
+
+
 def test_bad_input_gives_clear_errors():
     model, guide = build_vrnn(6, **SMALL)
     x = torch.zeros(2, 3, 6)
@@ -391,3 +407,5 @@ def test_bad_input_gives_clear_errors():
         build_vrnn(6, guide="flowy")
     with pytest.raises(ValueError, match="z_dim"):
         build_vrnn(6, z_dim=0)
+    with pytest.raises(ValueError, match="decoder_h must be True or False"):
+        build_vrnn(6, decoder_h="no")

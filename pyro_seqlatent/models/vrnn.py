@@ -229,12 +229,19 @@ class VRNNCore(nn.Module):
     :param float min_scale: floor added to every standard deviation.
     :param float dropout: dropout probability on :math:`\varphi^x(x_t)` and on the decoder
         input (train mode only; see the module docstring).
+    :param bool decoder_h: the decoder reads :math:`[\varphi^z(z_t), h_{t-1}]` (the VRNN,
+        default); ``False``:
+        :math:`p(x_t\mid z_t) = \text{emission}(\varphi^{dec}(\varphi^z(z_t)))`, so
+        everything the emission knows of the past reaches it through :math:`z_t` and its prior
+        :math:`p(z_t\mid h_{t-1})`, as in a deep Markov model's emission (a regulariser: the
+        deterministic path from :math:`h_{t-1}` to :math:`x_t` is cut).
     """
 
     def __init__(self, x_dim: int, z_dim: int = 16, h_dim: int = 64, feature_dim: int = 64,
                  hidden_dim: int = 64, num_layers: int = 1, rnn: str = "gru",
                  emission: str = "bernoulli", num_components: int = 20,
-                 prior: str = "learned", min_scale: float = 1e-3, dropout: float = 0.0):
+                 prior: str = "learned", min_scale: float = 1e-3, dropout: float = 0.0,
+                 decoder_h: bool = True):
         super().__init__()
         for name, value in (("x_dim", x_dim), ("z_dim", z_dim), ("h_dim", h_dim),
                             ("feature_dim", feature_dim), ("hidden_dim", hidden_dim)):
@@ -251,7 +258,11 @@ class VRNNCore(nn.Module):
         self.phi_x = feature_net(x_dim, hidden, feature_dim)
         self.phi_z = feature_net(z_dim, hidden, feature_dim)
         self.prior_net = MLP(h_dim, hidden, 2 * z_dim) if prior == "learned" else None
-        self.emission = make_emission(emission, feature_dim + h_dim, x_dim, hidden,
+        if not isinstance(decoder_h, bool):
+            raise ValueError(f"decoder_h must be True or False, got {decoder_h!r}")
+        self.decoder_h = decoder_h
+        self.emission = make_emission(emission, feature_dim + (h_dim if decoder_h else 0), x_dim,
+                                      hidden,
                                       num_components, min_scale)
         self.rnn = RecurrentCell(rnn, 2 * feature_dim, h_dim)
         self.dropout = make_dropout(dropout)
@@ -276,6 +287,8 @@ class VRNNCore(nn.Module):
     def emission_dist(self, phi_z: torch.Tensor, h_prev: torch.Tensor) -> dist.Distribution:
         """:math:`p(x_t \\mid z_t, h_{t-1})` from :math:`[\\varphi^z(z_t), h_{t-1}]` (after
         dropout)."""
+        if not self.decoder_h:  # p(x_t | z_t): the past reaches x_t only through z_t
+            return self.emission(self.dropout(phi_z))
         return self.emission(self.dropout(cat_broadcast(phi_z, h_prev)))
 
     def step(self, phi_x_t: torch.Tensor, phi_z_t: torch.Tensor, state):
@@ -592,6 +605,7 @@ def _build_from_options(options: dict):
         hidden_dim=options["hidden_dim"], num_layers=options["num_layers"], rnn=options["rnn"],
         emission=resolve_emission(options), num_components=options["num_components"],
         prior=options["prior"], dropout=options["dropout"], smoothing=options["smoothing"],
+        decoder_h=options["decoder_h"],
     )
 
 
@@ -610,7 +624,8 @@ def _register() -> None:
         defaults={"dataset": "jsb", "emission": "auto", "guide": "meanfield", "num_flows": 2,
                   "z_dim": 32, "h_dim": 128, "feature_dim": 128, "hidden_dim": 128,
                   "num_layers": 1, "rnn": "gru", "num_components": 20, "prior": "learned",
-                  "dropout": 0.0, "smoothing": False, "max_sequences": 0, "transpose": 0,
+                  "dropout": 0.0, "smoothing": False, "decoder_h": True, "max_sequences": 0,
+                  "transpose": 0,
                   "generate_length": 50},
         collate_fn=pad_collate,
         elbo="DeviceTrace_ELBO",  # Trace_ELBO without per-site host reads
