@@ -107,7 +107,7 @@ def run_row(row: str, args, data_cache: dict) -> dict:
         label = f"{label} [{args.tag}]"
     spec = get_model(name)
     options = spec.options(**overrides, **json.loads(args.options))
-    key = (options["dataset"], options.get("transpose", 0))
+    key = (options["dataset"], options.get("transpose", 0), options.get("max_sequences", 0))
     if key not in data_cache:
         data_cache[key] = spec.datasets(options, None)
     data = data_cache[key]

@@ -144,6 +144,8 @@ def test_transpose_rolls_against_shifted_note_lists():
             transpose_rolls(data, bad)
     with pytest.raises(ValueError, match="88-key"):
         transpose_rolls(SequenceDataset([torch.zeros(3, 5)]), 1)
+    silent = SequenceDataset([torch.zeros(2, 88)])
+    assert len(transpose_rolls(silent, 3)) == 1
 
 
 @pytest.mark.data
@@ -160,3 +162,6 @@ def test_transposed_jsb_training_split_only():
         assert all(torch.equal(a, b) for a, b in zip(plain[split], moved[split]))
     with pytest.raises(ValueError, match="transpose"):
         sequence_datasets({"dataset": "fsdd", "transpose": 2})
+    for bad in (-1, 1.5, True):
+        with pytest.raises(ValueError, match="transpose must be an int"):
+            sequence_datasets({"dataset": "jsb", "transpose": bad})

@@ -89,6 +89,20 @@ def fit_models(setup, out=None, steps=STEPS, resume=False):
                                                **guide.state_dict()}.items()}
 
 
+def fit_averaged(rank=0):
+    """The VAE with Polyak averaging; a process other than rank 0 starts from other weights,
+    which rank 0's broadcast must replace, in the average too."""
+    model, guide, data, collate = vae_setup()
+    if rank:
+        with torch.no_grad():
+            for p in [*model.parameters(), *guide.parameters()]:
+                p.add_(0.5)
+    train(model, guide, data, num_steps=STEPS, batch_size=BATCH, lr=0.02, seed=SEED,
+          example_noise=True, progress=False, clip_norm=5.0, ema_decay=0.5)
+    return {k: v.detach().clone() for k, v in {**model.state_dict(),
+                                               **guide.state_dict()}.items()}
+
+
 class Scale(CountingField):
     def __init__(self):
         super().__init__()
@@ -123,7 +137,8 @@ def nfe_history():
 def _worker(rank, out_dir):
     pyro.clear_param_store()
     results = {"vae": fit_models(vae_setup, f"{out_dir}/vae-run"),
-               "vrnn": fit_models(vrnn_setup), "nfe": nfe_history()}
+               "vrnn": fit_models(vrnn_setup), "nfe": nfe_history(),
+               "vae_averaged": fit_averaged(rank)}
     fit_models(vrnn_setup, f"{out_dir}/to-resume", steps=STEPS - 3)  # finished by 1 process
     x = gmm_data()
     gmm = DistributedGaussianMixture(3, **GMM_KW).fit(x[shard_rows(len(x))])
@@ -164,6 +179,16 @@ def test_two_processes_equal_one_process_with_the_global_batch(two_process_resul
         torch.testing.assert_close(rank1[name][key], rank0[name][key], rtol=0, atol=0)
         moved = max(moved, float((value - start[key]).abs().max()))
     assert moved > 1e-3  # the parameters did move: the comparison is not vacuous
+
+
+def test_the_parameter_average_is_rank0s_on_every_process(two_process_results):
+    rank0, rank1, _ = two_process_results
+    single = fit_averaged()
+    for key, value in single.items():
+        torch.testing.assert_close(rank1["vae_averaged"][key], rank0["vae_averaged"][key],
+                                   rtol=0, atol=0)
+        torch.testing.assert_close(rank0["vae_averaged"][key], value, rtol=1e-4, atol=2e-5,
+                                   msg=key)
 
 
 def test_the_logged_function_evaluations_are_summed_over_processes(two_process_results):

@@ -631,5 +631,29 @@ def test_parameter_average_against_a_hand_computed_one(tmp_path):
     valid = mean_loss(model, guide, torch.utils.data.DataLoader(TensorData(x[:20]), batch_size=10),
                       make_elbo("Trace_ELBO"), torch.device("cpu"), None, seed=3)
     assert valid == pytest.approx(result.history[-1]["valid_loss"], rel=1e-6)
-    with pytest.raises(ValueError, match="ema_decay"):
-        train(model, guide, TensorData(x), num_steps=1, ema_decay=1.0, progress=False)
+    # load_run / restore_modules give the average from the periodic checkpoint too, unless asked
+    # for the optimizer's own iterate
+    from pyro_seqlatent.infer.train import restore_modules
+
+    other = AffineNormalGuide()
+    restore_modules(tmp_path / "checkpoint.pt", NormalNormal(noise=0.5), other)
+    for k, v in other.state_dict().items():
+        assert torch.allclose(v, expected[k], atol=1e-6), k
+    restore_modules(tmp_path / "checkpoint.pt", NormalNormal(noise=0.5), other, averaged=False)
+    for k, v in other.state_dict().items():
+        assert torch.equal(v, raw[-1][k]), k
+    for bad in (1.0, -0.1, float("nan")):
+        with pytest.raises(ValueError, match="ema_decay"):
+            train(model, guide, TensorData(x), num_steps=1, ema_decay=bad, progress=False)
+
+
+def test_the_average_does_not_change_the_optimizers_trajectory():
+    x = conjugate_data(n=40)
+    losses = []
+    for decay in (0.0, 0.9):
+        pyro.clear_param_store()
+        result = train(NormalNormal(noise=0.5, learn_noise=True), AffineNormalGuide(),
+                       TensorData(x), valid_data=TensorData(x[:20]), num_steps=20, batch_size=10,
+                       lr=0.05, valid_every=3, ema_decay=decay, progress=False, seed=2)
+        losses.append([r["loss"] for r in result.history])
+    assert losses[0] == losses[1]

@@ -107,7 +107,8 @@ def transpose_rolls(dataset: SequenceDataset, max_shift: int) -> SequenceDataset
     few semitones is still a plausible chorale); apply it to the training split only, so the
     validation and test figures stay those of the original chorales. ``max_shift=0`` returns
     ``dataset`` itself. Shifts that would push a note off the 88 keys are skipped for that roll
-    only, so the result holds at most :math:`2k + 1` versions of each.
+    only, so the result holds at most :math:`2k + 1` versions of each; a roll without any note
+    is kept once (its transpositions would be copies of it).
     """
     if isinstance(max_shift, bool) or not isinstance(max_shift, int) or max_shift < 0:
         raise ValueError(f"max_shift must be an int >= 0 (semitones), got {max_shift!r}")

@@ -25,7 +25,10 @@ modules (and of Pyro's param store), mini-batches from a torch ``DataLoader``, a
   each optimizer step, with :math:`d_t = \min(d, (1 + t) / (10 + t))` so that the first steps
   are not dominated by the initial values; validation, the best checkpoint and the modules
   handed back at the end hold :math:`\bar\theta`, while the optimizer keeps stepping
-  :math:`\theta` (both are in every checkpoint, so a resumed run goes on exactly);
+  :math:`\theta` (the periodic checkpoint holds both, so a resumed run goes on exactly;
+  :func:`restore_modules` and ``load_run`` load the average). Buffers (e.g. batch-norm running
+  statistics) are not averaged: validation pairs the averaged parameters with the current
+  buffers;
 * atomic checkpoints and exact resumption (same loss curve as an uninterrupted run);
 * a guard that stops at the first non-finite loss or gradient, naming the step and the last good
   checkpoint, which it leaves intact;
@@ -649,8 +652,28 @@ def _train(model, guide, train_data, valid_data, collate_fn, run_dir, resume, ca
         else:
             ddp_tools.broadcast_([p.data for p in params])
             manual_sync = params
+        if averaged is not None:  # rank 0's average (its initial or restored weights) for all
+            ddp_tools.broadcast_(averaged)
 
-    def save(path: Path) -> None:
+    def _module_states() -> dict:
+        return {
+            "model": {k: v.detach().clone() for k, v in model.state_dict().items()},
+            "guide": {k: v.detach().clone() for k, v in guide.state_dict().items()},
+            "param_store": {
+                k: v.detach().clone()
+                for k, v in _extra_store_params([model, guide], run_params).items()
+            },
+        }
+
+    def save(path: Path, holds_average: bool = False) -> None:
+        """``holds_average``: the parameters hold the average now (the best checkpoint);
+        otherwise the periodic checkpoint also stores the average, by name under
+        ``"averaged"`` (what :func:`restore_modules` loads) and as the list ``"ema"`` that
+        a resumed run restores."""
+        named_average = None
+        if averaged is not None and not holds_average:
+            with _swapped(params, averaged):
+                named_average = _module_states()
         atomic_save(
             {
                 "model": model.state_dict(),
@@ -663,7 +686,8 @@ def _train(model, guide, train_data, valid_data, collate_fn, run_dir, resume, ca
                 "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(),
                 "rng": rng_state(),
-                "ema": averaged,
+                "ema": None if holds_average else averaged,
+                "averaged": named_average,
                 "state": dict(state),
                 "config": cfg.to_json(),
             },
@@ -801,7 +825,7 @@ def _train(model, guide, train_data, valid_data, collate_fn, run_dir, resume, ca
                             state["elapsed"] = clock() - start_time
                             state["wall_elapsed"] = time.perf_counter() - wall_start
                             with _swapped(params, averaged):  # the weights validated
-                                save(write_path / BEST)
+                                save(write_path / BEST, holds_average=True)
                     else:
                         state["bad_validations"] += 1
                         if (cfg.early_stopping_patience is not None
@@ -1009,10 +1033,17 @@ def _apply_resumed_lr(optimizer, scheduler, lr: float) -> float | None:
 
 
 def restore_modules(ckpt_path: str | os.PathLike, model: nn.Module, guide: nn.Module,
-                    map_location: Any = "cpu") -> dict:
-    """Load a checkpoint's parameters into ``model`` and ``guide`` (no optimizer); returns it."""
+                    map_location: Any = "cpu", averaged: bool = True) -> dict:
+    """Load a checkpoint's parameters into ``model`` and ``guide`` (no optimizer); returns it.
+
+    A run trained with ``ema_decay > 0`` gets its averaged parameters (what its validation
+    scored and what ``train`` handed back) unless ``averaged=False``, which loads the
+    optimizer's own last iterate; the best checkpoint holds the average either way."""
     ckpt = load_checkpoint(ckpt_path, map_location=map_location)
-    model.load_state_dict(ckpt["model"])
-    guide.load_state_dict(ckpt["guide"])
-    _restore_store_extras(ckpt)
+    source = ckpt
+    if averaged and ckpt.get("averaged"):
+        source = {**ckpt["averaged"], "param_store_state": ckpt.get("param_store_state")}
+    model.load_state_dict(source["model"])
+    guide.load_state_dict(source["guide"])
+    _restore_store_extras(source)
     return ckpt

@@ -575,6 +575,9 @@ def sequence_datasets(options: dict, root=None) -> dict:
     (:func:`pyro_seqlatent.data.jsb.transpose_rolls`; validation and test stay as they are)."""
     limit = options.get("max_sequences") or None
     shift = options.get("transpose", 0)
+    if isinstance(shift, bool) or not isinstance(shift, int) or shift < 0:
+        raise ValueError(f"transpose must be an int >= 0 (semitones each way; 0: off), got "
+                         f"{shift!r}")
     if shift and options["dataset"] != "jsb":
         raise ValueError(f"transpose={shift!r} applies to piano rolls (dataset='jsb') only; "
                          f"use transpose=0 with dataset={options['dataset']!r}")
