@@ -261,9 +261,9 @@ class VRNNCore(nn.Module):
         if not isinstance(decoder_h, bool):
             raise ValueError(f"decoder_h must be True or False, got {decoder_h!r}")
         self.decoder_h = decoder_h
-        self.emission = make_emission(emission, feature_dim + (h_dim if decoder_h else 0), x_dim,
-                                      hidden,
-                                      num_components, min_scale)
+        decoder_in = feature_dim + (h_dim if decoder_h else 0)
+        self.emission = make_emission(emission, decoder_in, x_dim, hidden, num_components,
+                                      min_scale)
         self.rnn = RecurrentCell(rnn, 2 * feature_dim, h_dim)
         self.dropout = make_dropout(dropout)
         self._guide_states: _GuideStates | None = None
@@ -286,7 +286,7 @@ class VRNNCore(nn.Module):
 
     def emission_dist(self, phi_z: torch.Tensor, h_prev: torch.Tensor) -> dist.Distribution:
         """:math:`p(x_t \\mid z_t, h_{t-1})` from :math:`[\\varphi^z(z_t), h_{t-1}]` (after
-        dropout)."""
+        dropout); from :math:`\\varphi^z(z_t)` alone with ``decoder_h=False``."""
         if not self.decoder_h:  # p(x_t | z_t): the past reaches x_t only through z_t
             return self.emission(self.dropout(phi_z))
         return self.emission(self.dropout(cat_broadcast(phi_z, h_prev)))
@@ -628,8 +628,7 @@ def _register() -> None:
                   "z_dim": 32, "h_dim": 128, "feature_dim": 128, "hidden_dim": 128,
                   "num_layers": 1, "rnn": "gru", "num_components": 20, "prior": "learned",
                   "dropout": 0.0, "smoothing": False, "decoder_h": True, "max_sequences": 0,
-                  "transpose": 0,
-                  "generate_length": 50},
+                  "transpose": 0, "generate_length": 50},
         collate_fn=pad_collate,
         elbo="DeviceTrace_ELBO",  # Trace_ELBO without per-site host reads
         batch_plate="data",
