@@ -1,0 +1,1 @@
+"""Experiment drivers: where models, data and inference meet."""
