@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from pyro_seqlatent.infer.distributed import count_host_syncs, run_local
+from pyro_seqlatent.testing import count_host_syncs, run_local
 
 MODELS = ("vae", "vrnn", "gmm")
 
@@ -66,7 +66,7 @@ def _svi_worker(rank, name, steps, warmup, device, threads, out):
 
 def _gmm_worker(rank, n, d, k, iters, device, threads, out):
     from pyro_seqlatent.em.distributed import DistributedGaussianMixture, shard_rows
-    from pyro_seqlatent.infer.distributed import init_distributed
+    from pyro_seqlatent.parallel import init_distributed
 
     torch.set_num_threads(threads)
     dev = init_distributed(device)

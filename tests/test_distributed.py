@@ -15,17 +15,12 @@ from pyro_seqlatent.data.sequences import pad_collate
 from pyro_seqlatent.em import PPCA, GaussianMixture
 from pyro_seqlatent.em.distributed import DistributedGaussianMixture, DistributedPPCA, shard_rows
 from pyro_seqlatent.infer import train
-from pyro_seqlatent.infer.distributed import (
-    ExampleNoise,
-    count_host_syncs,
-    derived_seed,
-    local_batch_size,
-    run_local,
-    world,
-)
+from pyro_seqlatent.infer.distributed import ExampleNoise
 from pyro_seqlatent.models.vae import VAE, VAEGuide
 from pyro_seqlatent.models.vrnn import build_vrnn
 from pyro_seqlatent.nn.ode import CountingField
+from pyro_seqlatent.parallel import derived_seed, local_batch_size, world
+from pyro_seqlatent.testing import count_host_syncs, run_local
 
 pytestmark = pytest.mark.timeout(150)  # the spawned jobs have their own, shorter timeouts
 

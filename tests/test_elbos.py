@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from pyro_seqlatent.infer import DeviceTrace_ELBO, make_elbo, train
-from pyro_seqlatent.infer.distributed import count_host_syncs
+from pyro_seqlatent.testing import count_host_syncs
 
 
 class Mixed(nn.Module):

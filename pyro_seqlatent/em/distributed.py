@@ -8,14 +8,17 @@ The E-step statistics of :class:`~pyro_seqlatent.em.GaussianMixture` and
 computed by one ``torch.distributed.all_reduce`` per iteration (on a flat buffer, on the data's
 device: gloo on the CPU, NCCL on GPUs). Every process then runs the same closed-form M-step on the
 same sums, so all hold the same parameters, equal to the single-process fit on the concatenated
-data up to float summation order.
+data up to float summation order. The collectives are those of the torch-only
+:mod:`pyro_seqlatent.parallel`, so this module, like all of :mod:`pyro_seqlatent.em`, does not
+load Pyro.
 
 The initialisation is rank 0's (computed on its shard, then broadcast, together with the GMM's
 centring shift :math:`c`, which all processes must share for their sums to add up). It equals
 the single-process initialisation when rank 0's shard starts with the same
 ``init_max_samples`` rows (GMM; 100,000 for PPCA), as with the contiguous shards of
-:func:`shard_rows`. Launch with ``torchrun`` and call :func:`~pyro_seqlatent.infer.distributed.
-init_distributed` first (every process must hold at least ``n_components`` rows).
+:func:`shard_rows`. Launch with ``torchrun`` and call
+:func:`~pyro_seqlatent.parallel.init_distributed` first (every process must hold at least
+``n_components`` rows).
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ from typing import Any
 
 from pyro_seqlatent.em.gmm import GaussianMixture, GMMStatistics
 from pyro_seqlatent.em.ppca import PPCA, PPCAStatistics
-from pyro_seqlatent.infer.distributed import all_reduce_, broadcast_, world
+from pyro_seqlatent.parallel import all_reduce_, broadcast_, world
 
 
 def all_reduce_statistics(stats: GMMStatistics | PPCAStatistics):
