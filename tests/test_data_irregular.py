@@ -14,10 +14,10 @@ from pyro_seqlatent.data.irregular import (
     apply_task,
     padded_collate,
     union_grid_collate,
-    validate_times,
 )
 from pyro_seqlatent.data.periodic import make_periodic, periodic_datasets
 from pyro_seqlatent.data.physionet import VARIABLES, _parse_record, _quantized_record
+from pyro_seqlatent.nn.times import validate_times
 
 
 def _item(times, d=2, seed=0):

@@ -1,4 +1,7 @@
-r"""Irregularly sampled multivariate time series: validation of times and batch collation.
+r"""Irregularly sampled multivariate time series: checks of items and batch collation.
+
+Time grids are checked by :func:`pyro_seqlatent.nn.times.validate_times` (shared with the ODE
+solvers; importable from here too).
 
 An *item* is a dict ``{"times": (N_i,), "values": (N_i, D), "mask": (N_i, D)}`` plus optional
 extra masks of the same shape as ``values`` (e.g. ``"obs_mask"``: what an encoder may see, while
@@ -25,46 +28,9 @@ from collections.abc import Sequence
 import torch
 from torch.utils.data import Dataset
 
+from pyro_seqlatent.nn.times import validate_times
+
 MASK_KEYS = ("mask", "obs_mask")
-
-
-def validate_times(times, name: str = "times", shared: bool | None = None,
-                   allow_padding: bool = True) -> torch.Tensor:
-    """Check a time tensor and return it.
-
-    ``shared=True``: one strictly increasing grid ``(N,)``. ``shared=False``: per-sequence grids
-    ``(B, N)``, each row strictly increasing, then optionally constant (padding repeats the last
-    time) when ``allow_padding``. ``None`` accepts either. Raises ``TypeError``/``ValueError``
-    naming ``name`` and the fix for non-tensors, integer dtypes, wrong shapes, NaN/inf, unsorted
-    or duplicate times.
-    """
-    if not torch.is_tensor(times):
-        raise TypeError(f"{name} must be a torch tensor, got {type(times).__name__}")
-    if not times.is_floating_point():
-        raise TypeError(f"{name} must be a floating-point tensor, got dtype {times.dtype}; "
-                        f"convert with {name}.float()")
-    dims = {True: (1,), False: (2,), None: (1, 2)}[shared]
-    if times.dim() not in dims:
-        want = {(1,): "(N,)", (2,): "(B, N)", (1, 2): "(N,) or (B, N)"}[dims]
-        raise ValueError(f"{name} must have shape {want}, got {tuple(times.shape)}")
-    if times.shape[-1] == 0:
-        raise ValueError(f"{name} is empty: a sequence needs at least one time point")
-    if not torch.isfinite(times).all():
-        raise ValueError(f"{name} contains NaN or inf; drop those observations first")
-    diffs = times[..., 1:] - times[..., :-1]
-    if (diffs < 0).any():
-        raise ValueError(f"{name} must be sorted in increasing order; sort each sequence by time "
-                         "(and its values and masks with it)")
-    zero = diffs == 0
-    if zero.any():
-        if times.dim() == 1 or not allow_padding:
-            raise ValueError(f"{name} has duplicate time points; merge observations that share a "
-                             "time into one row (masks mark the observed features)")
-        # padding: once a row repeats its time it must stay constant to the end
-        if (zero[..., :-1] & ~zero[..., 1:]).any():
-            raise ValueError(f"{name} has duplicate time points inside a sequence; only trailing "
-                             "padding (repeating the last time) may repeat")
-    return times
 
 
 def validate_item(item: dict, index: int | None = None) -> None:

@@ -52,7 +52,7 @@ import pyro.distributions as dist
 import torch
 from torch import nn
 
-from pyro_seqlatent.data.irregular import compact_observed, validate_times
+from pyro_seqlatent.data.irregular import compact_observed
 from pyro_seqlatent.guides import FlowGuide, MeanFieldGuide, SiteGuide
 from pyro_seqlatent.nn import MLP
 from pyro_seqlatent.nn.init import apply_init
@@ -63,6 +63,7 @@ from pyro_seqlatent.nn.ode import (
     odeint_times,
     run_odernn,
 )
+from pyro_seqlatent.nn.times import validate_times
 
 GUIDES = ("meanfield", "planar", "radial", "iaf", "iaf_gated", "nice", "real_nvp")
 POISSON_RATES = ("per_feature", "shared")

@@ -18,6 +18,7 @@ import torchdiffeq
 from torch import nn
 
 from pyro_seqlatent.nn.mlp import MLP
+from pyro_seqlatent.nn.times import validate_times
 
 ADAPTIVE_METHODS = ("dopri5", "dopri8", "bosh3", "fehlberg2", "adaptive_heun")
 FIXED_METHODS = ("euler", "midpoint", "rk4", "explicit_adams", "implicit_adams")
@@ -134,8 +135,6 @@ def odeint_shared(field, z0: torch.Tensor, times: torch.Tensor, *, method: str =
                   options: dict | None = None) -> torch.Tensor:
     r"""Solve :math:`\dot z = f(t, z)` from :math:`z(t_0) = z_0` on one shared grid
     :math:`t_0 < \dots < t_{N-1}`; returns ``(..., N, L)`` for ``z0`` of shape ``(..., L)``."""
-    from pyro_seqlatent.data.irregular import validate_times
-
     _check_method(method)
     validate_times(times, name="times", shared=True)
     out = _odeint(field, z0, times.to(z0.dtype), method=method, rtol=rtol, atol=atol,
@@ -178,8 +177,6 @@ def odeint_rescaled(field, z0: torch.Tensor, times: torch.Tensor, *, method: str
     ``(..., B, N, L)`` with entry ``[..., b, i, :]`` = :math:`z_b(t_{b,i})`. Adaptive solvers are
     told the kinks of :math:`t_b(s)` (``jump_t``); fixed-step solvers step on the integers.
     """
-    from pyro_seqlatent.data.irregular import validate_times
-
     _check_method(method)
     validate_times(times, name="times", shared=False)
     if times.dim() != 2:
