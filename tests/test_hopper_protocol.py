@@ -1,6 +1,7 @@
 """Hopper protocols ("ours" vs the reference implementation's), extrapolation ``fraction``, the
-persistence baseline and the reference scoring of the Latent ODE benchmark. Tiny synthetic
-arrays; only the last test needs dm-control."""
+persistence baseline, the reference scoring rules (``pyro_seqlatent.models.forecast_metrics``)
+and the Latent ODE benchmark's table. Tiny synthetic arrays; only the last test needs
+dm-control."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from pyro_seqlatent.data.irregular import (
     persistence_predict,
     union_grid_collate,
 )
+from pyro_seqlatent.models import forecast_metrics
 from pyro_seqlatent.models.latent_ode import system_datasets
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -174,10 +176,9 @@ def _grid_batch():
 
 
 def test_reference_first_point_rule():
-    bench = _bench()
     batch = _grid_batch()
     pred = torch.full_like(batch["values"], 9.0)
-    out = bench.reference_first_point(pred, batch)
+    out = forecast_metrics.reference_first_point(pred, batch)
     # sequence a: first point unobserved -> 0; sequence b starts at grid index 1, observed -> 5
     assert out[0, :, 0].tolist() == [0.0, 9.0, 9.0, 9.0]
     assert out[1, :, 0].tolist() == [9.0, 5.0, 9.0, 9.0]
@@ -190,32 +191,30 @@ class _Constant(torch.nn.Module):
 
 
 def test_reference_scoring_of_baselines_and_persistence():
-    bench = _bench()
     items = [{k: v[b, [0, 1, 2] if b == 0 else [1, 2, 3]] if k != "times" else None
               for k, v in _grid_batch().items()} for b in range(2)]
     for item, t in zip(items, ([0.0, 0.1, 0.2], [0.1, 0.2, 0.3])):
         item["times"] = torch.tensor(t)
-    scores = bench.reference_test_mse(_Constant(), None, items)
+    scores = forecast_metrics.reference_test_mse(_Constant(), None, items)
     # plain: errors (1, 0, 1) and (9, 16, 25) -> 52 / 6; rule: first points 0 (a) and 5 (b)
     assert scores["test_mse_without_first_point_rule"] == pytest.approx(52 / 6)
     assert scores["test_mse"] == pytest.approx((1 + 0 + 1 + 0 + 16 + 25) / 6)
-    pers = bench.persistence_mse(items, "reference")
+    pers = forecast_metrics.persistence_mse(items, "reference")
     # a: obs at 1, 2 -> preds (2, 2, 2) -> 1 + 0 + 1; b: obs at 0, 2 -> (5, 5, 5) -> 0 + 1 + 4
     assert pers["test_mse"] == pytest.approx(7 / 6)
     # with the rule a's first point becomes 0 (error 1 -> 1), b's stays 5
     assert pers["test_mse_with_first_point_rule"] == pytest.approx(7 / 6)
-    assert "test_mse_with_first_point_rule" not in bench.persistence_mse(items, "ours")
+    assert "test_mse_with_first_point_rule" not in forecast_metrics.persistence_mse(items, "ours")
 
 
 def test_reference_latent_ode_score_is_mean_of_sample_mses():
     from pyro_seqlatent.data.periodic import make_periodic
     from pyro_seqlatent.models.latent_ode import LatentODEGuide, LatentODEModel, forecast
 
-    bench = _bench()
     items = apply_task(make_periodic(4, 8, recipe="code", seed=0), "interp", fraction=0.5)
     model, guide = LatentODEModel(1, 3, (8,)), LatentODEGuide(1, 3, hidden_dim=6)
     torch.manual_seed(1)
-    score = bench.reference_test_mse(model, guide, items)["test_mse"]
+    score = forecast_metrics.reference_test_mse(model, guide, items)["test_mse"]
     torch.manual_seed(1)
     batch = next(iter(DataLoader(items, batch_size=50, collate_fn=union_grid_collate)))  # same RNG
     samples = forecast(model, guide, batch, num_samples=3)["samples"]
@@ -223,8 +222,8 @@ def test_reference_latent_ode_score_is_mean_of_sample_mses():
                   for s in samples]
     assert score == pytest.approx(sum(per_sample) / 3, rel=1e-5)
     torch.manual_seed(1)  # every series has 4 observed points: pooled = per-record mean here
-    assert bench.reference_test_mse(model, guide, items)["test_mse_pooled"] == pytest.approx(
-        sum(per_sample) / 3, rel=1e-5)
+    pooled = forecast_metrics.reference_test_mse(model, guide, items)["test_mse_pooled"]
+    assert pooled == pytest.approx(sum(per_sample) / 3, rel=1e-5)
 
 
 def test_markdown_anchor_only_for_reference_rows():

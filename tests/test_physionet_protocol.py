@@ -1,5 +1,5 @@
 """PhysioNet under the reference implementation's protocol: its 41 variables and normalisation
-(``data.physionet``) and its per-record, per-variable MSE (``benchmarks/latent_ode.py``)."""
+(``data.physionet``) and its per-record, per-variable MSE (``models.forecast_metrics``)."""
 
 from __future__ import annotations
 
@@ -8,14 +8,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import load_benchmark, require_data
+from conftest import require_data
 from pyro_seqlatent.data.physionet import REFERENCE_VARIABLES, VARIABLES, _parse_record
+from pyro_seqlatent.models.forecast_metrics import observed_mse_sums, reference_record_mse
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def _bench():
-    return load_benchmark("latent_ode")
 
 
 def test_reference_variables_are_the_descriptors_then_the_series():
@@ -56,20 +53,20 @@ def test_record_mse_equals_the_reference_loop():
     mask = (torch.rand(B, N, D, generator=g) < 0.4).float()
     mask[1, :, 2] = 0  # a variable a record never observed counts as 0 in the mean over D
     pred = torch.randn(S, B, N, D, generator=g)
-    total, count = _bench().reference_record_mse(pred, values, mask)
+    total, count = reference_record_mse(pred, values, mask)
     expected = _loop_reference_mse(pred, values, mask)
     assert count == S * B
     assert total / count == pytest.approx(float(expected.mean()), rel=1e-6)
     # without sample dimension: one prediction per record
-    total, count = _bench().reference_record_mse(pred[0], values, mask)
+    total, count = reference_record_mse(pred[0], values, mask)
     assert count == B and total / count == pytest.approx(float(expected[0].mean()), rel=1e-6)
     # differs from the mean over observed entries whenever counts differ
     flat = float(((pred[0] - values) ** 2 * mask).sum() / mask.sum())
     assert abs(flat - total / count) > 1e-3
-    sse, n = _bench().observed_mse_sums(pred[0], values, mask)
+    sse, n = observed_mse_sums(pred[0], values, mask)
     assert n == float(mask.sum()) and sse / n == pytest.approx(flat, rel=1e-6)
     # with samples: every sample's entries counted, so the ratio is the samples' pooled mean
-    sse, n = _bench().observed_mse_sums(pred, values, mask)
+    sse, n = observed_mse_sums(pred, values, mask)
     per_sample = [float(((p - values) ** 2 * mask).sum()) for p in pred]
     assert n == S * float(mask.sum()) and sse == pytest.approx(sum(per_sample), rel=1e-6)
 

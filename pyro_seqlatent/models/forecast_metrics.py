@@ -1,0 +1,140 @@
+r"""Scoring rules for predictions of irregularly sampled series (Latent ODE, ODE-RNN, RNN-Δt,
+persistence), on batches from :func:`~pyro_seqlatent.data.irregular.union_grid_collate`.
+
+Two ways to average squared errors over the scored entries (``mask`` :math:`m_{bid} = 1`) of
+predictions :math:`\hat x` of values :math:`x`, sequence (record) :math:`b`, time :math:`i`,
+feature :math:`d`:
+
+* **pooled over observations** (ours; the weighting of the Gaussian likelihood in the ELBO):
+
+  .. math:: \mathrm{MSE} = \frac{\sum_{b,i,d} m_{bid}\,(\hat x_{bid} - x_{bid})^2}
+                                {\sum_{b,i,d} m_{bid}} ;
+
+* **per record, per variable** (the reference implementation's ``compute_masked_likelihood``):
+  every record and every variable weigh the same, and a variable a record never observes counts
+  as 0,
+
+  .. math:: \mathrm{MSE}_b = \frac1D \sum_{d=1}^{D}
+            \frac{\sum_i m_{bid}\,(\hat x_{bid} - x_{bid})^2}{\sum_i m_{bid}}
+            \quad(0 \text{ when } \textstyle\sum_i m_{bid} = 0),
+            \qquad \mathrm{MSE} = \frac1B \sum_b \mathrm{MSE}_b .
+
+Under the reference protocol the one-step baselines predict a sequence's first time point by its
+observed value (0 where unobserved; :func:`reference_first_point`), and the Latent ODE's score is
+the mean over :data:`REFERENCE_LATENT_SAMPLES` draws of :math:`z_0` of each draw's MSE. The Latent
+ODE benchmark (``benchmarks/latent_ode.py``) scores its rows with these functions.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.utils.data import DataLoader
+
+from pyro_seqlatent.data.irregular import persistence_predict, union_grid_collate
+from pyro_seqlatent.models.latent_ode import forecast, masked_mse, predict
+
+#: z0 draws of the reference's Latent ODE score (run_models.py:
+#: ``compute_loss_all_batches(..., n_traj_samples=3)``)
+REFERENCE_LATENT_SAMPLES = 3
+
+__all__ = ["REFERENCE_LATENT_SAMPLES", "observed_mse_sums", "persistence_mse", "predictive_mse",
+           "reference_first_point", "reference_record_mse", "reference_test_mse"]
+
+
+@torch.no_grad()
+def predictive_mse(model, guide, dataset, batch_size=50, num_samples=8) -> float:
+    """MSE pooled over the scored entries of ``dataset`` (see the module docstring) of the
+    posterior-predictive mean over ``num_samples`` draws of :math:`z_0` (Latent ODE;
+    :func:`~pyro_seqlatent.models.latent_ode.predict`) or of a baseline's one-step
+    predictions. The model runs in eval mode and is put back in train mode afterwards."""
+    model.eval()
+    sse = count = 0.0
+    for batch in DataLoader(dataset, batch_size=batch_size, collate_fn=union_grid_collate):
+        pred = predict(model, guide, batch, num_samples=num_samples)
+        s, c = masked_mse(pred, batch["values"], batch["mask"])
+        sse, count = sse + s, count + c
+    model.train()
+    return sse / max(count, 1.0)
+
+
+def reference_record_mse(pred: torch.Tensor, values: torch.Tensor,
+                         mask: torch.Tensor) -> tuple[float, int]:
+    """``(sum over records of the record's MSE, number of records)``, a record's MSE being the
+    reference's: the mean over all ``D`` variables of each variable's mean squared error over
+    its masked times, 0 for a variable with no masked time. ``pred`` may carry leading sample
+    dimensions (each sample counts as a record, so the result is the mean over samples)."""
+    err = ((pred - values) ** 2 * mask).sum(-2)  # (..., B, D)
+    count = mask.expand_as(pred).sum(-2)
+    per_variable = torch.where(count > 0, err / count.clamp_min(1), torch.zeros_like(err))
+    per_record = per_variable.mean(-1)
+    return float(per_record.sum()), per_record.numel()
+
+
+def observed_mse_sums(pred: torch.Tensor, values: torch.Tensor,
+                      mask: torch.Tensor) -> tuple[float, float]:
+    """``(sum of squared errors over observed entries, number of observed entries)``, ``pred``
+    with optional leading sample dimensions (each sample counted). Their ratio is the MSE
+    pooled over observations, the weighting of the Gaussian likelihood in the ELBO, where
+    :func:`reference_record_mse` gives every record and every variable the same weight."""
+    m = mask.expand_as(pred)
+    return float(((pred - values) ** 2 * m).sum()), float(m.sum())
+
+
+def reference_first_point(pred: torch.Tensor, batch: dict) -> torch.Tensor:
+    """``pred`` with each sequence's first time point replaced as the reference's ODE-RNN and
+    RNN baselines do (``lib/ode_rnn.py``, ``lib/rnn_baselines.py``: ``utils.shift_outputs`` with
+    ``first_point = data[:, 0]``, the observed data, zero where unobserved): the observed value
+    there, or 0 for the features not observed. A sequence's first time point is its first
+    grid index with any ``mask`` or ``obs_mask`` entry (union grids hold other sequences'
+    times too)."""
+    present = torch.maximum(batch["mask"], batch["obs_mask"]).sum(-1) > 0  # (B, N)
+    first = present.to(torch.int8).argmax(dim=1)  # (B,)
+    rows = torch.arange(pred.shape[0], device=pred.device)
+    out = pred.clone()
+    out[rows, first] = (batch["values"] * batch["obs_mask"])[rows, first]
+    return out
+
+
+@torch.no_grad()
+def reference_test_mse(model, guide, dataset, batch_size=50) -> dict:
+    """MSE of ``dataset`` scored the reference's way (see the module docstring):
+    ``{"test_mse", ...}``, with ``test_mse_pooled`` (:func:`observed_mse_sums`) beside it;
+    baselines also report ``test_mse_without_first_point_rule``."""
+    model.eval()
+    sse = count = plain = pooled_sse = pooled_count = 0.0
+    for batch in DataLoader(dataset, batch_size=batch_size, collate_fn=union_grid_collate):
+        if hasattr(model, "predict"):  # deterministic one-step baselines
+            pred = model.predict(**batch)
+            scored = reference_first_point(pred, batch)
+            plain += reference_record_mse(pred, batch["values"], batch["mask"])[0]
+        else:  # mean over z0 samples of each sample's MSE
+            scored = forecast(model, guide, batch,
+                              num_samples=REFERENCE_LATENT_SAMPLES)["samples"]
+        s, c = reference_record_mse(scored, batch["values"], batch["mask"])
+        ps, pc = observed_mse_sums(scored, batch["values"], batch["mask"])
+        sse, count = sse + s, count + c
+        pooled_sse, pooled_count = pooled_sse + ps, pooled_count + pc
+    model.train()
+    out = {"test_mse": sse / max(count, 1.0),
+           "test_mse_pooled": pooled_sse / max(pooled_count, 1.0)}
+    if hasattr(model, "predict"):
+        out["test_mse_without_first_point_rule"] = plain / max(count, 1.0)
+    return out
+
+
+def persistence_mse(dataset, protocol: str, batch_size=50) -> dict:
+    """MSE of :func:`~pyro_seqlatent.data.irregular.persistence_predict` (``{"test_mse"}``,
+    pooled under ``protocol="ours"``, per record under ``"reference"``; under ``"reference"`` also
+    ``test_mse_with_first_point_rule``, the same predictions scored with the reference ODE-RNN's
+    first-point rule, for comparison with its anchor)."""
+    score = masked_mse if protocol == "ours" else reference_record_mse
+    sse = count = ruled = 0.0
+    for batch in DataLoader(dataset, batch_size=batch_size, collate_fn=union_grid_collate):
+        pred = persistence_predict(batch["values"], batch["obs_mask"])
+        s, c = score(pred, batch["values"], batch["mask"])
+        ruled += score(reference_first_point(pred, batch), batch["values"], batch["mask"])[0]
+        sse, count = sse + s, count + c
+    out = {"test_mse": sse / max(count, 1.0)}
+    if protocol == "reference":
+        out["test_mse_with_first_point_rule"] = ruled / max(count, 1.0)
+    return out
