@@ -14,6 +14,8 @@ Usage (data under ``$PYRO_SEQLATENT_DATA``)::
     python benchmarks/estimators.py --only vae --quick
 
 Timings are wall-clock on the machine that runs it: compare them only within one run.
+The tables and figures are built from the measurements of the run itself (no run folders are
+written), so rebuilding them means running it again.
 """
 
 from __future__ import annotations

@@ -13,7 +13,8 @@ Run (small defaults, ~6 minutes on one core)::
 
     OMP_NUM_THREADS=1 python benchmarks/flows_2d.py
 
-Writes ``benchmarks/results/flows_2d.{json,md,png}``.
+Writes ``benchmarks/results/flows_2d.{json,md,png}``, built from the fits of the run itself
+(no run folders are written), so rebuilding them means running it again.
 """
 
 from __future__ import annotations

@@ -49,7 +49,14 @@ are keyed by dataset, task, fraction, model and protocol; rows written before th
 field existed count as ``ours``). Rows are merged under a file lock when a cell finishes, so
 several commands may write into one ``--out`` at once.
 Writes ``results.json``, ``results.md``, per-cell run folders with ``metrics.jsonl``,
-``learning_curve.png`` and figures.
+``learning_curve.png``, figures and the scored row (``row.json``).
+
+Only the tables are kept in git; run folders stay on the disk that trained them
+(benchmarks/README.md). ``--from-runs [RUN_DIR ...]`` rebuilds the table from run folders
+without training: it merges each folder's ``row.json`` into ``--out``'s ``results.json`` and
+rewrites ``results.md`` (no folder named: every run folder under ``--out``), e.g.
+
+    python benchmarks/latent_ode.py --from-runs --out benchmarks/results/latent_ode/hopper
 """
 
 from __future__ import annotations
@@ -529,6 +536,19 @@ def rescore(run_dirs: list[str], which: str = "best") -> list[dict]:
     return out
 
 
+def rows_from_runs(run_dirs: list[Path]) -> tuple[list[dict], list[Path]]:
+    """The rows saved beside trained runs (each run folder's ``row.json``, written when its row
+    was scored) and the folders that have none (trained before rows were saved there)."""
+    rows, missing = [], []
+    for run_dir in run_dirs:
+        path = Path(run_dir) / "row.json"
+        if path.is_file():
+            rows.append(json.loads(path.read_text()))
+        else:
+            missing.append(Path(run_dir))
+    return rows, missing
+
+
 def persistence_row(cell: dict, args, datasets: dict | None = None) -> dict:
     """The ``persistence`` row of a cell (no training; ``datasets`` reused when given)."""
     protocol = cell_protocol(cell, args)
@@ -790,6 +810,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="train nothing: score these run folders' best checkpoints again and "
                         "print their test MSE (and, under the reference protocol, the MSE "
                         "pooled over observations, the ELBO's weighting) as JSON lines")
+    p.add_argument("--from-runs", nargs="*", metavar="RUN_DIR",
+                   help="train nothing: merge the rows saved in these run folders (their "
+                        "row.json; none named: every run folder under --out) into --out's "
+                        "results.json and rewrite results.md; rows of results.json that no "
+                        "folder replaces (persistence rows, runs not on this disk) are kept")
     return p
 
 
@@ -823,6 +848,23 @@ def main(argv=None):
             tmp.replace(path)
             (out / "results.md").write_text(markdown(rows, solve))
         return rows, solve
+
+    if args.from_runs is not None:  # the table rebuilt from run folders on disk, no training
+        named = [Path(d) for d in args.from_runs]
+        runs = named or sorted(d for d in out.iterdir()
+                               if (d / "row.json").is_file() or (d / "train_config.json").is_file())
+        new, missing = rows_from_runs(runs)
+        if named and missing:
+            p.error(f"--from-runs: no row.json in {[str(d) for d in missing]} (a run folder "
+                    "written before rows were saved beside it: its row is only in results.json)")
+        if not new:
+            p.error(f"--from-runs: no run folder with a row.json under {out}")
+        for d in missing:
+            print(f"[latent_ode bench] {d} has no row.json: its row stays as results.json has "
+                  "it", file=sys.stderr)
+        rows, solve = save(new)
+        print(markdown(rows, solve))
+        return
 
     if args.speed:
         new = [speed_comparison(cell, args) for cell in cells]

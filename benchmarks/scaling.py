@@ -11,7 +11,9 @@ SVI step in one process (``count_host_syncs``), split by kind.
     python benchmarks/scaling.py --device cuda --nprocs 1 # one GPU
     python benchmarks/scaling.py --models gmm --nprocs 1 2 4
 
-Results go to benchmarks/results/scaling.{json,md} (``--out``).
+Results go to benchmarks/results/scaling.{json,md} (``--out``), built from the rates of the run
+itself (the processes report them through a temporary folder; no run folders are kept), so
+rebuilding them means running it again.
 """
 
 from __future__ import annotations

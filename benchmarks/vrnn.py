@@ -23,6 +23,11 @@ compares pairs of rows on the same test sequences: the mean per-sequence differe
 paired standard error. Every row writes a checkpoint at each validation, so a row cut short
 goes on with the same command plus ``--resume`` (``--minutes`` stays the total budget).
 
+The table is built only from ``results.json``: a row's scores, per-sequence log-likelihoods
+and learning curve are stored there when it finishes, and ``results.md`` is drawn from it.
+Run folders (checkpoints, ``metrics.jsonl``) stay out of git (benchmarks/README.md) and are
+read back only for Figures 2 and 3.
+
     python benchmarks/vrnn.py --rows jsb-rnn,jsb-vrnn --minutes 3 --num-samples 500
     python benchmarks/vrnn.py --rows all --minutes 60            # the full table
 """
