@@ -142,6 +142,41 @@ def test_bad_input_is_a_clear_error(x, match):
         VAEGuide(guide="maf")
 
 
+@pytest.mark.parametrize("x, likelihood, match", [
+    (torch.tensor([[0.0] * 11 + [float("inf")]]), "bernoulli", "NaN or inf"),
+    (torch.tensor([[0.0] * 11 + [-1e-45]]), "bernoulli", "binary"),  # the smallest non-0
+    (torch.tensor([[1.0] * 11 + [1 - 2**-24]]), "bernoulli", "binary"),  # the largest below 1
+    (torch.tensor([[0.0] * 11 + [2.0]], dtype=torch.float64), "bernoulli", "binary"),
+    (torch.tensor([[0, 1] * 5 + [1, 3]]), "bernoulli", "binary"),  # integers: the slow checks
+    (torch.tensor([[0.5] * 11 + [float("nan")]]), "gaussian", "NaN or inf"),
+    (torch.tensor([[0.5] * 11 + [float("-inf")]]), "gaussian", "NaN or inf"),
+    (torch.tensor([[3e38] * 12]), "gaussian", None),  # the sum overflows; the values are fine
+    (torch.tensor([[0.0, 1.0, -0.0] * 4], dtype=torch.float64), "bernoulli", None),
+    (torch.tensor([[0, 1] * 6]), "bernoulli", None),
+])
+def test_the_one_pass_data_check_decides_as_the_full_checks(x, likelihood, match):
+    model = VAE(data_dim=12, latent_dim=3, hidden_dims=(16,), likelihood=likelihood)
+    if match is None:
+        model.check_data(x)
+    else:
+        with pytest.raises(ValueError, match=match):
+            model.check_data(x)
+
+
+@pytest.mark.parametrize("guide", ["meanfield", "iaf", "real_nvp", "planar"])
+def test_jit_training_freezes_no_check_into_its_trace(guide):
+    """The shape and value checks are skipped while torch.jit traces (they ran on the untraced
+    first call): no TracerWarning, from this project or from torch's BCE size check."""
+    import warnings
+
+    model, guide = small_vae(guide)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", torch.jit.TracerWarning)
+        result = train(model, guide, binary(n=20), num_steps=2, batch_size=10,
+                       elbo="JitTrace_ELBO", progress=False)
+    assert result.step == 2 and math.isfinite(result.final_loss)
+
+
 def test_short_training_on_real_mnist_lowers_the_loss():
     require_data("binarized_mnist/binarized_mnist_train.mat")
     from pyro_seqlatent.data.mnist import BinarizedMNIST

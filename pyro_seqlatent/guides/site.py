@@ -35,7 +35,8 @@ class SiteGuide(nn.Module):
     def check_context(self, context: torch.Tensor) -> None:
         if not torch.is_tensor(context):
             raise TypeError(f"context must be a tensor, got {type(context).__name__}")
-        if context.shape[-1] != self.context_dim:
+        # not while torch.jit traces: its first call, untraced, checked the same shapes
+        if not torch.jit.is_tracing() and context.shape[-1] != self.context_dim:
             raise ValueError(
                 f"context has last dimension {context.shape[-1]} but this "
                 f"{type(self).__name__} was built with context_dim={self.context_dim}"

@@ -60,6 +60,18 @@ class Decoder(nn.Module):
         return h
 
 
+class _Bernoulli(dist.Bernoulli):
+    """``Bernoulli`` whose ``log_prob`` is torch's, the same kernel and values, without
+    ``F.binary_cross_entropy_with_logits``' Python check that the (broadcast, so equal) sizes
+    match: ``torch.jit`` tracing (``JitTrace_ELBO``) reports that check as a TracerWarning."""
+
+    def log_prob(self, value: torch.Tensor) -> torch.Tensor:
+        if self._validate_args:
+            self._validate_sample(value)
+        logits, value = torch.broadcast_tensors(self.logits, value)
+        return -torch.binary_cross_entropy_with_logits(logits, value, None, None, 0)  # 0: none
+
+
 def _point_value(value: torch.Tensor, event_dim: int) -> torch.Tensor:
     """A global point-estimate site seen inside a particle plate carries identical copies along
     its leading dims; keep one (and refuse a real distribution over weights)."""
@@ -109,11 +121,24 @@ class VAE(nn.Module):
         return out
 
     def check_data(self, x: torch.Tensor) -> None:
+        """``ValueError`` for a batch of the wrong shape, with NaN/inf or, for the Bernoulli
+        decoder, values other than 0 and 1. One pass over a valid float batch; nothing while
+        ``torch.jit`` traces (``JitTrace_ELBO`` checks its first batch before tracing, and a
+        check in the trace would be frozen into a constant)."""
+        if torch.jit.is_tracing():
+            return
         if not torch.is_tensor(x) or x.dim() != 2 or x.shape[-1] != self.data_dim:
             shape = tuple(x.shape) if torch.is_tensor(x) else type(x).__name__
             raise ValueError(
                 f"x must have shape (batch, {self.data_dim}) (flattened images), got {shape}"
             )
+        if x.is_floating_point():  # the usual case in one pass; the messages come from below
+            if self.likelihood == "bernoulli":
+                # x (x - 1) is exactly 0 at 0 and 1 only (NaN and inf give NaN or inf)
+                if not bool(torch.count_nonzero(x * (x - 1))):
+                    return
+            elif bool(torch.isfinite(x.sum())):  # only a NaN/inf (or an overflow) is not
+                return
         if not torch.isfinite(x).all():
             raise ValueError("x contains NaN or inf values")
         if self.likelihood == "bernoulli" and not ((x == 0) | (x == 1)).all():
@@ -125,7 +150,7 @@ class VAE(nn.Module):
     def observation(self, z: torch.Tensor, weights=None) -> dist.Distribution:
         out = self.decoder(z, weights)
         if self.likelihood == "bernoulli":
-            return dist.Bernoulli(logits=out, validate_args=False).to_event(1)
+            return _Bernoulli(logits=out, validate_args=False).to_event(1)
         scale = (self.log_obs_scale.exp() if self.obs_scale is None
                  else out.new_tensor(self.obs_scale))
         return dist.Normal(out, scale).to_event(1)
@@ -143,7 +168,8 @@ class VAE(nn.Module):
         self.check_data(x)
         weights = self._weights()
         with _data_plate(x, self.num_data):
-            z = pyro.sample("z", dist.Normal(x.new_zeros(self.latent_dim), 1.0).to_event(1))
+            loc = x.new_zeros(self.latent_dim)  # scale a tensor too: no constant in a JIT trace
+            z = pyro.sample("z", dist.Normal(loc, torch.ones_like(loc)).to_event(1))
             pyro.sample("x", self.observation(z, weights), obs=x)
         return z
 

@@ -107,7 +107,7 @@ class MADE(nn.Module):
     def forward(
         self, x: torch.Tensor, context: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, ...]:
-        if x.shape[-1] != self.input_dim:
+        if not torch.jit.is_tracing() and x.shape[-1] != self.input_dim:  # see check_context
             raise ValueError(f"MADE expects inputs (..., {self.input_dim}), got {tuple(x.shape)}")
         h = self.hidden[0](x)
         if self.context_layer is not None:

@@ -36,6 +36,8 @@ def check_input_dim(input_dim, name: str = "input_dim", minimum: int = 2) -> int
 def check_context(context: torch.Tensor, context_dim: int, owner: str) -> None:
     if not torch.is_tensor(context):
         raise TypeError(f"{owner}.condition expects a context tensor, got {type(context).__name__}")
+    if torch.jit.is_tracing():  # a JIT trace would freeze the check (the untraced call ran it)
+        return
     if context.dim() == 0 or context.shape[-1] != context_dim:
         shape = tuple(context.shape)
         raise ValueError(

@@ -130,7 +130,10 @@ class ConditionedCoupling(Flow):
         """Keep the mask and its index form (``idx_a``, ``idx_b``, ``inv_perm``). ``indices``
         precomputed by :func:`mask_indices` skip ``nonzero`` (a host sync on a GPU); modules
         hold them as buffers so that they move with ``.to(device)``."""
-        mask = torch.as_tensor(mask, dtype=torch.bool)
+        # a bool tensor (the buffer of the module that builds this transform) is kept as it is:
+        # no copy per call, and no constant in a JIT trace
+        if not (torch.is_tensor(mask) and mask.dtype == torch.bool):
+            mask = torch.as_tensor(mask, dtype=torch.bool)
         names = ("idx_a", "idx_b", "inv_perm")
         values = mask_indices(mask) if indices is None else indices
         if isinstance(self, torch.nn.Module):
