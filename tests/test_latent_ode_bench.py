@@ -7,6 +7,8 @@ import shlex
 import pytest
 
 from conftest import load_benchmark
+from pyro_seqlatent.infer.config import TrainConfig
+from pyro_seqlatent.models.forecast_metrics import predictive_mse
 
 bench = load_benchmark("latent_ode")
 
@@ -171,7 +173,7 @@ def test_a_diverged_row_is_scored_at_its_best_checkpoint(tmp_path, monkeypatch):
                     key=lambda r: r["valid_loss"])["step"]
     assert row["scored"] == f"best valid (step {best_step}); diverged at step {row['steps'] + 1}"
     test = best.datasets()["test"]
-    assert math.isclose(row["test_mse"], bench.test_mse(best.model, best.guide, test),
+    assert math.isclose(row["test_mse"], predictive_mse(best.model, best.guide, test),
                         rel_tol=1e-6)
     with pytest.raises(TrainingDiverged):  # no validation, so no best checkpoint to score
         bench.main(common + ["--valid-every", "0", "--out", str(tmp_path / "none")])
@@ -187,7 +189,7 @@ def test_a_row_resumed_with_another_lr_says_so(tmp_path):
     first = json.loads((tmp_path / "results.json").read_text())["rows"][0]
     assert "resumed" not in first["scored"]
     folder = tmp_path / "periodic-interp-0.5-ode_rnn@recovered"
-    old_lr = json.loads((folder / "train_config.json").read_text())["lr"]
+    old_lr = TrainConfig.flatten(json.loads((folder / "train_config.json").read_text()))["lr"]
     more = f"{spent_minutes(folder) + 0.05:.4f}"  # past the CPU time spent, however loaded
     bench.main(common + ["--minutes", more, "--train-options", '{"lr": 0.0003}', "--resume"])
     row = json.loads((tmp_path / "results.json").read_text())["rows"][0]

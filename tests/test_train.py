@@ -319,7 +319,7 @@ def test_resuming_a_run_saved_before_a_setting_existed_compares_it_with_its_defa
     kw = dict(batch_size=8, lr=1e-3, progress=False, run_dir=tmp_path, checkpoint_every=1)
     train(NormalNormal(), AffineNormalGuide(), TensorData(x), num_steps=2, **kw)
     ckpt = torch.load(tmp_path / "checkpoint.pt", weights_only=False)
-    del ckpt["config"]["kl_anneal_end"]  # as written before the setting existed
+    del ckpt["config"]["schedule"]["kl_anneal_end"]  # as written before the setting existed
     torch.save(ckpt, tmp_path / "checkpoint.pt")
     with pytest.raises(ValueError, match=r"kl_anneal_end: 1.0 -> 0.5"):
         train(NormalNormal(), AffineNormalGuide(), TensorData(x), num_steps=4, resume=True,
@@ -438,7 +438,8 @@ def test_pyro_validation_switch_covers_steps_and_validation(monkeypatch):
         seen.append(("valid", pyro.infer.util.is_validation_enabled()))
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(train_module, "mean_loss", spy)
+    monkeypatch.setattr(importlib.import_module("pyro_seqlatent.infer.validation"), "mean_loss",
+                        spy)
     x = TensorDataset(conjugate_data(n=20))
     def step_callback(record, model, guide):
         seen.append(("step", pyro.infer.util.is_validation_enabled()))

@@ -170,8 +170,8 @@ class TrainConfig:
     def __init__(self, **kwargs: Any):
         unknown = set(kwargs) - set(GROUPS) - set(GROUP_OF)
         if unknown:
-            raise TypeError(f"unknown training setting(s) {sorted(unknown)}; known: "
-                            f"{sorted(GROUP_OF)} (or the groups {sorted(GROUPS)})")
+            raise TypeError(f"unknown option(s) {sorted(unknown)} of the training settings; "
+                            f"known: {sorted(GROUP_OF)} (or the groups {sorted(GROUPS)})")
         for group, cls in GROUPS.items():
             value = kwargs.get(group, cls())
             if not isinstance(value, cls):

@@ -1,8 +1,9 @@
 """Finished runs in Python: ``load_run(path)`` gives back the trained model and guide.
 
-A run folder written by ``pyro-seqlatent train`` (or :func:`pyro_seqlatent.cli.train_system`)
-holds ``config.json`` (registered model name and its options), ``train_config.json``,
-``metrics.jsonl``, ``checkpoint.pt`` (last) and ``best.pt`` (best validation loss).
+A run folder written by ``pyro-seqlatent train`` (or
+:func:`pyro_seqlatent.experiments.systems.train_system`) holds ``config.json`` (registered model
+name and its options), ``train_config.json``, ``metrics.jsonl``, ``checkpoint.pt`` (last) and
+``best.pt`` (best validation loss).
 """
 
 from __future__ import annotations
@@ -16,7 +17,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from pyro_seqlatent.infer.train import BEST, CHECKPOINT, METRICS, TRAIN_CONFIG, restore_modules
+from pyro_seqlatent.infer.checkpointing import BEST, CHECKPOINT, TRAIN_CONFIG, restore_modules
+from pyro_seqlatent.infer.config import TrainConfig
+from pyro_seqlatent.infer.metrics_log import METRICS
 
 RUN_CONFIG = "config.json"
 
@@ -29,6 +32,7 @@ class Run:
     model: nn.Module
     guide: nn.Module
     options: dict
+    #: the run's training settings by flat name (``lr``, ``batch_size``, ...)
     train_config: dict
     metrics: list[dict]
     checkpoint: Path
@@ -100,6 +104,7 @@ def load_run(
     guide.eval()
     train_config = {}
     if (path / TRAIN_CONFIG).exists():
-        train_config = json.loads((path / TRAIN_CONFIG).read_text())
+        # by flat setting name, whether the file is grouped (schema 2) or an older flat one
+        train_config = TrainConfig.flatten(json.loads((path / TRAIN_CONFIG).read_text()))
     return Run(path, model, guide, options, train_config, read_metrics(path), ckpt, spec,
                extra=config)
