@@ -8,10 +8,11 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torch.utils.data import Dataset, DistributedSampler
 
 from pyro_seqlatent.infer.batches import to_device
 from pyro_seqlatent.infer.config import Batching
+from pyro_seqlatent.infer.loader import make_loader
 
 
 class ResumableSampler(DistributedSampler):
@@ -65,7 +66,7 @@ class Epochs:
         self.local_batch = local_batch
         self.sampler = ResumableSampler(data, batching.shuffle, batching.seed,
                                         batching.drop_last)
-        self.loader = DataLoader(
+        self.loader = make_loader(  # in-memory tensors: batched by index, no per-row collate
             data, batch_size=local_batch, sampler=self.sampler, collate_fn=collate_fn,
             num_workers=batching.num_workers, drop_last=batching.drop_last,
             generator=torch.Generator().manual_seed(batching.seed),  # re-seeded every epoch
@@ -81,8 +82,8 @@ class Epochs:
 
     def probe(self, device) -> Any:
         """The first (at most) two examples as one batch, for a first trace."""
-        loader = DataLoader(self.data, batch_size=min(2, len(self.data)),
-                            collate_fn=self.collate_fn, generator=torch.Generator())
+        loader = make_loader(self.data, batch_size=min(2, len(self.data)),
+                             collate_fn=self.collate_fn, generator=torch.Generator())
         return to_device(next(iter(loader)), device)
 
     def from_step(self, step: int) -> Iterator[tuple[float, Any, list[int] | None]]:

@@ -55,7 +55,7 @@ from typing import Any
 import pyro
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
 from pyro_seqlatent.infer import distributed as ddp_tools
 from pyro_seqlatent.infer.averaging import ParameterAverage, swapped
@@ -78,6 +78,7 @@ from pyro_seqlatent.infer.config import OPTIMIZERS, TrainConfig
 from pyro_seqlatent.infer.elbos import make_elbo
 from pyro_seqlatent.infer.epochs import Epochs, ResumableSampler
 from pyro_seqlatent.infer.guards import DivergenceGuard, TrainingDiverged
+from pyro_seqlatent.infer.loader import make_loader
 from pyro_seqlatent.infer.metrics_log import METRICS, MetricsLog, read_metrics_upto
 from pyro_seqlatent.infer.modes import mode_dependent_modules
 from pyro_seqlatent.infer.nfe import nfe_counters
@@ -299,8 +300,7 @@ def _validator(valid_data, collate_fn, elbo, cfg: TrainConfig, model, guide, dev
         if v.valid_every or v.early_stopping_patience:
             raise ValueError("valid_every / early_stopping_patience need valid_data=...")
         return None
-    loader = DataLoader(valid_data, batch_size=cfg.batching.batch_size, shuffle=False,
-                        collate_fn=collate_fn)
+    loader = make_loader(valid_data, batch_size=cfg.batching.batch_size, collate_fn=collate_fn)
     return Validator(loader, elbo, device, v, cfg.batching.seed)
 
 
