@@ -20,6 +20,7 @@ schedule is rescaled to it) or with clipping; ``state["resume_changes"]`` record
 
 from __future__ import annotations
 
+import io
 import json
 import os
 from collections.abc import Sequence
@@ -31,8 +32,16 @@ import torch
 from torch import nn
 
 from pyro_seqlatent.infer.averaging import ParameterAverage, swapped
-from pyro_seqlatent.infer.checkpoint import atomic_save, load_checkpoint, rng_state, set_rng_state
+from pyro_seqlatent.infer.checkpoint import (
+    FORMAT,
+    atomic_save,
+    atomic_write_bytes,
+    load_checkpoint,
+    rng_state,
+    set_rng_state,
+)
 from pyro_seqlatent.infer.config import TrainConfig, settings
+from pyro_seqlatent.infer.guards import DivergenceGuard
 from pyro_seqlatent.infer.params import extra_store_params
 
 CHECKPOINT = "checkpoint.pt"
@@ -46,7 +55,7 @@ TRAIN_CONFIG = "train_config.json"
 RESUMABLE_CHANGES = frozenset({"num_steps", "num_epochs", "max_time_s", "progress", "log_every",
                                "checkpoint_every", "num_workers", "pyro_validation", "device",
                                "early_stopping_patience", "early_stopping_min_delta",
-                               "lr", "clip_norm"})
+                               "divergence_factor", "lr", "clip_norm"})
 #: the resumable settings that change what a run computes (the recovery of a diverged run);
 #: a resume that changes them is recorded in the checkpoint's ``state["resume_changes"]``
 RECOVERY_SETTINGS = ("lr", "clip_norm")
@@ -123,17 +132,30 @@ def restore_store_extras(ckpt: dict) -> None:
 class RunCheckpoints:
     """Writes a run's checkpoints and restores a run from one.
 
+    A periodic checkpoint of step :math:`t` is serialised at step :math:`t` but written only
+    when step :math:`t + 1`'s loss, computed at its parameters, has passed the divergence guard
+    (:meth:`confirm`): the last good checkpoint on disk is never one whose parameters already
+    blew up. The last step's checkpoint is written at once; one still held when a run stops
+    for another reason than a divergence (an interruption) is written then (:meth:`flush`).
+
     :param run_params: the ``param`` site names of the run (see
         :func:`~pyro_seqlatent.infer.params.traced_param_names`).
+    :param folder: where to write (None: nothing is written, e.g. processes other than rank 0).
+    :param guard: told about each checkpoint written (the last good one its errors name).
     """
 
     def __init__(self, model: nn.Module, guide: nn.Module, optimizer, scheduler,
-                 average: ParameterAverage | None, run_params: set[str], cfg: TrainConfig):
+                 average: ParameterAverage | None, run_params: set[str], cfg: TrainConfig,
+                 folder: Path | None = None, guard: DivergenceGuard | None = None):
         self.model, self.guide = model, guide
         self.optimizer, self.scheduler = optimizer, scheduler
         self.average = average
         self.run_params = run_params
         self.cfg = cfg
+        self.folder = folder
+        self.guard = guard
+        self.params = [p for group in optimizer.param_groups for p in group["params"]]
+        self.pending: tuple[int, bytes] | None = None
 
     def _modules(self) -> dict[str, Any]:
         return {
@@ -143,14 +165,14 @@ class RunCheckpoints:
                 [self.model, self.guide], self.run_params).items()},
         }
 
-    def save(self, path: Path, state: dict, holds_average: bool = False) -> None:
+    def payload(self, state: dict, holds_average: bool = False) -> dict:
         """``holds_average``: the parameters hold the average now (the best checkpoint);
         otherwise the average is stored too (``"averaged"`` by name, ``"ema"`` as a list)."""
         named_average = None
         if self.average is not None and not holds_average:
             with swapped(self.average):
                 named_average = self._modules()
-        atomic_save({
+        return {
             **self._modules(),
             "param_store_state": pyro.get_param_store().get_state(),
             "optimizer": self.optimizer.state_dict(),
@@ -160,12 +182,55 @@ class RunCheckpoints:
             "averaged": named_average,
             "state": dict(state),
             "config": self.cfg.to_json(),
-        }, path)
+            "format": FORMAT,
+        }
 
-    def save_best(self, path: Path, state: dict) -> None:
-        """The weights validation scored: the average when there is one."""
+    def save(self, path: Path, state: dict, holds_average: bool = False) -> None:
+        atomic_save(self.payload(state, holds_average), path)
+
+    def periodic(self, step: int, state: dict, last: bool) -> None:
+        """The checkpoint of ``step``: written now when it is the ``last``, else held until the
+        next step confirms it."""
+        if self.folder is None:
+            return
+        self._check_parameters(step)
+        if last:
+            self.save(self.folder / CHECKPOINT, state)
+            self._written(step)
+            return
+        buffer = io.BytesIO()
+        torch.save(self.payload(state), buffer)
+        self.pending = (step, buffer.getvalue())
+
+    def best(self, step: int, state: dict) -> None:
+        """``best.pt``: the weights validation scored (the average when there is one)."""
+        if self.folder is None:
+            return
+        self._check_parameters(step)
         with swapped(self.average):
-            self.save(path, state, holds_average=True)
+            self.save(self.folder / BEST, state, holds_average=True)
+
+    def confirm(self) -> None:
+        """The step after the held checkpoint passed the guard: write it."""
+        if self.pending is not None:
+            step, data = self.pending
+            atomic_write_bytes(data, self.folder / CHECKPOINT)
+            self.pending = None
+            self._written(step)
+
+    def flush(self, diverged: bool) -> None:
+        """At the end of a run: write a held checkpoint unless the run diverged."""
+        if diverged:
+            self.pending = None
+        self.confirm()
+
+    def _check_parameters(self, step: int) -> None:
+        if self.guard is not None:
+            self.guard.check_parameters(step, self.params)
+
+    def _written(self, step: int) -> None:
+        if self.guard is not None:
+            self.guard.saved(step)
 
     def restore(self, ckpt: dict, run_path) -> dict:
         """Load ``ckpt`` into the modules, param store, optimizer, scheduler, RNGs and average,

@@ -114,6 +114,9 @@ class Diagnostics:
     progress: bool = _opt(True, "show a progress bar")
     pyro_validation: bool | None = _opt(None, "force Pyro's validation on/off (None: Pyro's "
                                         "global setting)")
+    divergence_factor: float | None = _opt(10.0, "stop when a step's loss exceeds the highest "
+                                           "of the last 50 by this many times their range "
+                                           "(None: only non-finite losses stop a run)")
 
 
 #: group attribute of :class:`TrainConfig` -> its dataclass
@@ -238,6 +241,9 @@ def _validate_numbers(cfg: TrainConfig) -> None:
     if not (isinstance(o.ema_decay, (int, float)) and 0.0 <= o.ema_decay < 1.0):
         raise ValueError(f"ema_decay must lie in [0, 1) (0 turns the averaging off), got "
                          f"{o.ema_decay!r}")
+    k = cfg.diagnostics.divergence_factor
+    if k is not None and not (isinstance(k, (int, float)) and k > 0 and math.isfinite(k)):
+        raise ValueError(f"divergence_factor must be a positive number or None, got {k!r}")
     if not 0.0 <= s.lr_min_factor <= 1.0:
         raise ValueError(f"lr_min_factor must lie in [0, 1] (a fraction of lr), got "
                          f"{s.lr_min_factor!r}")

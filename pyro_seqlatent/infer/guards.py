@@ -1,9 +1,22 @@
-"""The divergence guard: a run stops at the first non-finite loss, gradient norm, distribution
-parameter, parameter or validation loss, naming the step and the last good checkpoint, which it
-leaves intact."""
+r"""The divergence guard: a run stops at the first non-finite loss, gradient norm, distribution
+parameter, parameter or validation loss, and at a loss that explodes while staying finite,
+naming the step and the last good checkpoint, which it leaves intact.
+
+*Explodes*: after :data:`MIN_HISTORY` steps, a step's loss per data point :math:`\ell_t` with
+
+.. math:: \ell_t > h + k \max(h - l,\; 10^{-3} \max(1, |h|))
+
+where :math:`l, h` are the lowest and highest of the last :data:`WINDOW` losses and :math:`k` is
+``divergence_factor`` (10 by default; None turns the rule off). Noise and steady trends (a loss
+that falls, or rises with the KL weight) stay inside it; a blow-up by orders of magnitude does
+not. The loss of step :math:`t` is computed at the parameters of step :math:`t - 1`, so the
+trainer writes a periodic checkpoint only once the next step's loss has passed the guard.
+"""
 
 from __future__ import annotations
 
+import math
+from collections import deque
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -13,7 +26,8 @@ import torch
 class TrainingDiverged(RuntimeError):
     """Raised at the first non-finite loss or gradient; names the step and last checkpoint."""
 
-    def __init__(self, step: int, what: str, checkpoint: Path | None, checkpoint_step: int | None):
+    def __init__(self, step: int, what: str, checkpoint: Path | None, checkpoint_step: int | None,
+                 problem: str = "is not finite"):
         self.step = step
         self.checkpoint = checkpoint
         self.checkpoint_step = checkpoint_step
@@ -23,7 +37,11 @@ class TrainingDiverged(RuntimeError):
             if checkpoint is not None
             else "no checkpoint was written yet (pass run_dir=... and checkpoint_every=...)"
         )
-        super().__init__(f"training diverged at step {step}: {what} is not finite; {where}")
+        super().__init__(f"training diverged at step {step}: {what} {problem}; {where}")
+
+
+#: losses the explosion rule compares a step's loss with, and how many it needs first
+WINDOW, MIN_HISTORY = 50, 20
 
 
 class DivergenceGuard:
@@ -31,26 +49,41 @@ class DivergenceGuard:
 
     :param path: the run's ``checkpoint.pt`` (None without a run folder).
     :param last_step: the step of the checkpoint on disk (None before the first one).
+    :param factor: :math:`k` of the explosion rule (None: only non-finite losses stop a run).
     """
 
-    def __init__(self, path: Path | None, last_step: int | None = None):
+    def __init__(self, path: Path | None, last_step: int | None = None,
+                 factor: float | None = 10.0):
         self.path = path
         self.last_step = last_step
+        self.factor = factor
+        self.recent: deque[float] = deque(maxlen=WINDOW)
 
     def saved(self, step: int) -> None:
         """A checkpoint of ``step`` has been written."""
         self.last_step = step
 
-    def diverged(self, step: int, what: str) -> TrainingDiverged:
+    def diverged(self, step: int, what: str, problem: str = "is not finite"
+                 ) -> TrainingDiverged:
         return TrainingDiverged(step, what, self.path if self.last_step else None,
-                                self.last_step)
+                                self.last_step, problem)
 
     def check_step(self, step: int, loss: float, grad_norm: float) -> None:
-        """Before the optimizer step: the loss and the gradient norm are finite."""
-        if loss != loss or abs(loss) == float("inf"):
+        """Before the optimizer step: the loss (per data point) and the gradient norm are
+        finite, and the loss has not exploded."""
+        if not math.isfinite(loss):
             raise self.diverged(step, "the loss")
-        if grad_norm != grad_norm or abs(grad_norm) == float("inf"):
+        if not math.isfinite(grad_norm):
             raise self.diverged(step, "the gradient norm")
+        if self.factor is not None and len(self.recent) >= MIN_HISTORY:
+            lo, hi = min(self.recent), max(self.recent)
+            limit = hi + self.factor * max(hi - lo, 1e-3 * max(1.0, abs(hi)))
+            if loss > limit:
+                raise self.diverged(
+                    step, f"the loss {loss:.6g}",
+                    f"exploded (above {limit:.6g}: the last {len(self.recent)} steps' losses "
+                    f"lay in [{lo:.6g}, {hi:.6g}]; divergence_factor={self.factor:g})")
+        self.recent.append(loss)
 
     def check_parameters(self, step: int, params: Sequence[torch.Tensor]) -> None:
         """Before anything is saved: a finite step can still produce inf parameters."""
@@ -58,7 +91,7 @@ class DivergenceGuard:
             raise self.diverged(step, "a parameter after the optimizer step")
 
     def check_validation(self, step: int, valid: float) -> None:
-        if valid != valid or abs(valid) == float("inf"):
+        if not math.isfinite(valid):
             raise self.diverged(step, "the validation loss")
 
     def from_distribution_error(self, step: int, err: ValueError, first_step: bool) -> Exception:

@@ -129,7 +129,7 @@ class SVIStep:
                 self.manual_sync, 1.0 / self.world_size if self.ddp_module is not None else 1.0)
         grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.clip_norm)
         figures = self._read(loss, batch_size(batch), grad_norm, out_of_time())
-        self.guard.check_step(step, figures.loss, figures.grad_norm)
+        self.guard.check_step(step, figures.loss / max(figures.n, 1), figures.grad_norm)
         return figures
 
     def _read(self, loss, n: int, grad_norm, over_time: bool) -> StepFigures:

@@ -61,7 +61,7 @@ from pyro_seqlatent.infer import distributed as ddp_tools
 from pyro_seqlatent.infer.averaging import ParameterAverage, swapped
 from pyro_seqlatent.infer.batches import to_device
 from pyro_seqlatent.infer.budget import Budget
-from pyro_seqlatent.infer.checkpoint import load_checkpoint
+from pyro_seqlatent.infer.checkpoint import load_checkpoint, remove_temporary_files
 from pyro_seqlatent.infer.checkpointing import (
     BEST,
     CHECKPOINT,
@@ -179,9 +179,11 @@ def _train(model, guide, train_data, valid_data, collate_fn, run_dir, resume, ca
     params = collect_parameters(model, guide, param_names=run_params)
     optimizer, scheduler = _optimizer(params, cfg, total_steps)
     average = ParameterAverage(params, cfg.optim.ema_decay) if cfg.optim.ema_decay > 0 else None
-    checkpoints = RunCheckpoints(model, guide, optimizer, scheduler, average, run_params, cfg)
+    guard = DivergenceGuard(run_path / CHECKPOINT if run_path else None,
+                            factor=cfg.diagnostics.divergence_factor)
+    checkpoints = RunCheckpoints(model, guide, optimizer, scheduler, average, run_params, cfg,
+                                 folder, guard)
     state, history = new_state(cfg.length.time_budget), []
-    guard = DivergenceGuard(run_path / CHECKPOINT if run_path else None)
     if resume:
         state, history = _resume(checkpoints, run_path, device, world_size, cfg, rank == 0)
         guard.saved(state["step"])
@@ -200,6 +202,7 @@ def _train(model, guide, train_data, valid_data, collate_fn, run_dir, resume, ca
     log = MetricsLog(folder, history, callbacks if rank == 0 else (),
                      (total_steps, state["step"]) if cfg.diagnostics.progress and rank == 0
                      else None)
+    diverged = False
     try:
         batches = epochs.from_step(state["step"])
         while state["step"] < total_steps and stopped == "completed":
@@ -211,6 +214,7 @@ def _train(model, guide, train_data, valid_data, collate_fn, run_dir, resume, ca
                      if indices is not None else contextlib.nullcontext())
             figures = svi_step(batch, step=step, beta=beta, first=state["step"] == 0,
                                noise=noise, out_of_time=budget.spent)
+            checkpoints.confirm()  # the last step's parameters gave a sound loss: keep them
             lr_used = optimizer.param_groups[0]["lr"]  # the step's, not the next one's
             optimizer.step()
             scheduler.step()
@@ -231,10 +235,9 @@ def _train(model, guide, train_data, valid_data, collate_fn, run_dir, resume, ca
                     record["valid_loss"] = valid = validator.score(model, guide)
                 guard.check_validation(step, valid)
                 verdict = validator.judge(state, valid)
-                if verdict == "best" and folder is not None:
-                    guard.check_parameters(step, params)
+                if verdict == "best":
                     budget.record(state)
-                    checkpoints.save_best(folder / BEST, state)
+                    checkpoints.best(step, state)
                 elif verdict == "stop":
                     stopped = state["stopped"] = "early_stopping"
             if _every(step, max(1, cfg.diagnostics.log_every)) or "valid_loss" in record:
@@ -243,14 +246,16 @@ def _train(model, guide, train_data, valid_data, collate_fn, run_dir, resume, ca
             if figures.over_time:  # decided before the sync, so every process agrees
                 stopped = "time_budget"
             is_last = final or stopped != "completed"
-            if folder is not None and (is_last or _every(step, cfg.checkpointing.checkpoint_every)):
-                guard.check_parameters(step, params)
+            if is_last or _every(step, cfg.checkpointing.checkpoint_every):
                 budget.record(state)
-                checkpoints.save(folder / CHECKPOINT, state)
-                guard.saved(step)
+                checkpoints.periodic(step, state, last=is_last)
         if average is not None:  # hand back the averaged weights, which validation scored
             average.copy_to_params()
+    except TrainingDiverged:
+        diverged = True
+        raise
     finally:
+        checkpoints.flush(diverged)
         svi_step.close()
         log.close()
     return TrainResult(history=log.history, step=state["step"], final_loss=state["last_loss"],
@@ -341,11 +346,12 @@ def _resume(checkpoints: RunCheckpoints, run_path: Path | None, device, world_si
 def _start(folder: Path | None, cfg: TrainConfig, rank: int, world_size: int, step: int,
            fresh: bool) -> None:
     """The noise stream of this process, and ``train_config.json`` (a fresh run first removes
-    an old run's checkpoints)."""
+    an old run's checkpoints, any run the temporary files of an interrupted save)."""
     if rank > 0:  # the processes' noise streams differ (rank 0 keeps the single-process stream)
         pyro.set_rng_seed(ddp_tools.derived_seed(cfg.batching.seed, rank, step) % 2**32)
     if folder is None:
         return
+    remove_temporary_files(folder)  # left by a save that was killed mid-write
     if fresh:
         remove_stale(folder)
     with open(folder / TRAIN_CONFIG, "w") as handle:
