@@ -55,3 +55,16 @@ def test_a_converted_old_run_folder_resumes_bit_for_bit(old_run):
     assert [r.get("valid_loss") for r in result.history] == expected["valid_loss"]
     for module, saved in ((model, expected["model"]), (guide, expected["guide"])):
         assert {k: v.tolist() for k, v in module.state_dict().items()} == saved
+
+
+def test_the_command_line_converts_only_with_trust(old_run, capsys):
+    from pyro_seqlatent.cli import main
+
+    assert main(["convert-run", str(old_run)]) == 2
+    assert "--trust" in capsys.readouterr().out
+    with pytest.raises(UnsafeCheckpointError):
+        load_checkpoint(old_run / "checkpoint.pt")  # untouched
+    assert main(["convert-run", str(old_run), "--trust"]) == 0
+    assert load_checkpoint(old_run / "checkpoint.pt")["format"] == 2
+    assert main(["export", str(old_run)]) == 0
+    assert (old_run / "weights.safetensors").exists()
