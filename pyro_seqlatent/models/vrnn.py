@@ -321,8 +321,11 @@ def _masked(d: dist.Distribution, m: torch.Tensor | None) -> dist.Distribution:
     return d if m is None else d.mask(m)
 
 
-def _clean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """``x`` with padded entries set to 0, so padded values cannot reach any term."""
+def _clean(x: torch.Tensor, mask: torch.Tensor, step_mask: list) -> torch.Tensor:
+    """``x`` with padded entries set to 0, so padded values cannot reach any term; ``x`` itself
+    when no step is padded (``step_mask`` from :func:`_step_masks`: all None)."""
+    if all(m is None for m in step_mask):
+        return x
     return x.masked_fill(~mask.unsqueeze(-1), 0.0)
 
 
@@ -368,7 +371,8 @@ class VRNNModel(nn.Module):
     def _observe(self, x: torch.Tensor, mask: torch.Tensor):
         core = self.core
         T = x.shape[1]
-        x_clean = _clean(x, mask)
+        step_mask = _step_masks(mask)
+        x_clean = _clean(x, mask, step_mask)
         cached = core.take_guide_states(x)
         reusing = cached is not None
         if reusing:  # prior of every step in one call, from the guide's h_{t-1}
@@ -379,7 +383,6 @@ class VRNNModel(nn.Module):
             phi_x = core.features_x(x_clean).unbind(-2)
             state = core.rnn.initial_state(x.shape[:1], x)
         h_prev, phi_z = [], []
-        step_mask = _step_masks(mask)
         for t in pyro.markov(range(T)):
             if reusing:
                 prior = steps.member(prior_loc[t], prior_scale[t], index=t)
@@ -476,13 +479,13 @@ class VRNNGuide(nn.Module):
             if self.backward_rnn is not None:
                 pyro.module("vrnn_guide_backward", self.backward_rnn)
         mask = check_padded_batch(x, mask, core.x_dim, "VRNNGuide")
-        phi_x_all = core.features_x(_clean(x, mask))  # all steps in one call
+        step_mask = _step_masks(mask)
+        phi_x_all = core.features_x(_clean(x, mask, step_mask))  # all steps in one call
         phi_x = phi_x_all.unbind(-2)
         future = (self._backward_states(phi_x_all, mask) if self.backward_rnn is not None
                   else None)
         state = core.rnn.initial_state(x.shape[:1], x)
         zs, states, h_prev, phi_z = [], [], [], []
-        step_mask = _step_masks(mask)
         # a mean-field q(z_t | ...) of every step is scored in one call (see guides.steps)
         steps = StepGroup() if type(self.site_guide) is MeanFieldGuide else None
         with pyro.plate("data", x.shape[0], dim=-1):
