@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from pyro_seqlatent.em.compare import _add_arguments, _run
+from pyro_seqlatent.experiments.em_vs_svi import _add_arguments, _run
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])

@@ -25,7 +25,8 @@ import sys
 import traceback
 from pathlib import Path
 
-from pyro_seqlatent.infer.estimators import ESTIMATORS, run_comparison
+from pyro_seqlatent.experiments.compare_estimators import run_comparison
+from pyro_seqlatent.infer.estimators import ESTIMATORS
 
 OUT = Path(__file__).resolve().parent / "results" / "estimators"
 

@@ -15,7 +15,11 @@ on its data, without any model-specific code in the CLI or the trainer::
 Every key of ``defaults`` becomes a command-line flag (``--latent-dim 40``) typed from its default.
 Modules under :mod:`pyro_seqlatent.models` are imported by :func:`load_builtin_models`, so adding a
 model file is enough to register it; third-party packages can register through the entry-point
-group ``pyro_seqlatent.models``.
+group ``pyro_seqlatent.models``. Extra subcommands and demo sections (:func:`register_command`,
+:func:`register_demo_section`) come from the experiment drivers under
+:mod:`pyro_seqlatent.experiments`, imported by :func:`load_experiments` when they are listed.
+The registry imports both packages only inside those functions, never at import time, so the
+modules that register with it can import it at their top.
 """
 
 from __future__ import annotations
@@ -81,8 +85,7 @@ class ModelSpec:
 
 _REGISTRY: dict[str, ModelSpec] = {}
 _LOADED = False
-# Non-model modules that register CLI subcommands.
-_EXTRA_MODULES = ("pyro_seqlatent.infer.estimators", "pyro_seqlatent.em.compare")
+_EXPERIMENTS_LOADED = False
 
 
 def register_model(spec: ModelSpec) -> ModelSpec:
@@ -101,15 +104,7 @@ def load_builtin_models() -> None:
     _LOADED = True
     import pyro_seqlatent.models as pkg
 
-    for info in pkgutil.iter_modules(pkg.__path__):
-        if not info.name.startswith("_"):
-            importlib.import_module(f"{pkg.__name__}.{info.name}")
-    for extra in _EXTRA_MODULES:
-        try:
-            importlib.import_module(extra)
-        except ModuleNotFoundError as err:  # modules that have not landed yet
-            if err.name != extra:
-                raise
+    _import_submodules(pkg)
     try:
         from importlib.metadata import entry_points
 
@@ -117,6 +112,26 @@ def load_builtin_models() -> None:
             ep.load()
     except Exception:  # pragma: no cover - a broken third-party plugin must not break ours
         pass
+
+
+def _import_submodules(pkg) -> None:
+    """Import every public module (name not starting with ``_``) of the package ``pkg``."""
+    for info in pkgutil.iter_modules(pkg.__path__):
+        if not info.name.startswith("_"):
+            importlib.import_module(f"{pkg.__name__}.{info.name}")
+
+
+def load_experiments() -> None:
+    """Import every module under :mod:`pyro_seqlatent.experiments` once: experiment drivers
+    register their subcommands and demo sections when imported (the registry names none of
+    them, so adding a driver file is enough)."""
+    global _EXPERIMENTS_LOADED
+    if _EXPERIMENTS_LOADED:
+        return
+    _EXPERIMENTS_LOADED = True
+    import pyro_seqlatent.experiments as pkg
+
+    _import_submodules(pkg)
 
 
 def get_model(name: str) -> ModelSpec:
@@ -149,14 +164,16 @@ _COMMANDS: dict[str, CommandSpec] = {}
 
 
 def register_command(spec: CommandSpec) -> CommandSpec:
-    """Add a subcommand to the ``pyro-seqlatent`` CLI (from any module under ``models/`` or
-    ``infer/`` that :func:`load_builtin_models` imports)."""
+    """Add a subcommand to the ``pyro-seqlatent`` CLI (call it at import time from a module under
+    ``experiments/`` or ``models/``, which :func:`list_commands` imports)."""
     _COMMANDS[spec.name] = spec
     return spec
 
 
 def list_commands() -> dict[str, CommandSpec]:
+    """The registered subcommands, after importing the models and the experiment drivers."""
     load_builtin_models()
+    load_experiments()
     return dict(_COMMANDS)
 
 
@@ -172,5 +189,7 @@ def register_demo_section(name: str, run: Callable) -> Callable:
 
 
 def list_demo_sections() -> dict[str, Callable]:
+    """The registered demo sections, after importing the models and the experiment drivers."""
     load_builtin_models()
+    load_experiments()
     return dict(_DEMO_SECTIONS)

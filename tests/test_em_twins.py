@@ -86,7 +86,7 @@ def test_svi_on_twins_raises_the_exact_log_likelihood(which):
 
 
 def test_em_vs_svi_comparison_runs_and_em_wins_on_synthetic_gmm(tmp_path):
-    from pyro_seqlatent.em.compare import run_all
+    from pyro_seqlatent.experiments.em_vs_svi import run_all
 
     (res,) = run_all(tmp_path, models=("gmm",), datasets=("synthetic",), em_iters=30,
                      svi_steps=6, eval_every=3)

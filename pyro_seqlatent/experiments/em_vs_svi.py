@@ -6,8 +6,9 @@ data: FSDD speech frames for GMM/PPCA, JSB chorales for the LG-SSM) this fits th
 through :func:`pyro_seqlatent.infer.train`) and records the *exact* log-likelihood (per data
 point for GMM/PPCA, per sequence for the LG-SSM) against wall time. SVI's curve is evaluated
 every few steps with the exact EM ``score`` of its current parameters (evaluation time is not
-counted). Pyro, the trainer and the data loaders are imported lazily: :mod:`pyro_seqlatent.em`
-itself depends on torch only.
+counted). :mod:`pyro_seqlatent.em` itself depends on torch only; this driver is where EM meets
+Pyro, the trainer and the data loaders (imported when a comparison runs, so that registering the
+command stays cheap).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import torch
 from pyro_seqlatent.em.gmm import GaussianMixture
 from pyro_seqlatent.em.lgssm import LinearGaussianSSM
 from pyro_seqlatent.em.ppca import PPCA
+from pyro_seqlatent.registry import CommandSpec, register_command, register_demo_section
 
 MODELS = ("gmm", "ppca", "lgssm")
 DATASETS = ("synthetic", "real")
@@ -270,14 +272,6 @@ def _demo_section(out_dir: Path, data_root: Any, device: str) -> str:
             "twins, short demo settings).\n\n" + table(results) + "\n\n" + figures + "\n")
 
 
-def _register() -> None:
-    try:
-        from pyro_seqlatent.registry import CommandSpec, register_command, register_demo_section
-    except ImportError:  # pragma: no cover - registry without commands
-        return
-    register_command(CommandSpec(name="em-vs-svi", help="EM against SVI on GMM, PPCA, LG-SSM",
-                                 add_arguments=_add_arguments, run=_run))
-    register_demo_section("em-vs-svi", _demo_section)
-
-
-_register()
+register_command(CommandSpec(name="em-vs-svi", help="EM against SVI on GMM, PPCA, LG-SSM",
+                             add_arguments=_add_arguments, run=_run))
+register_demo_section("em-vs-svi", _demo_section)
