@@ -12,10 +12,11 @@ feature observed strictly before it, or the first observed value before any; no 
 
 ``--protocol reference`` (hopper and PhysioNet cells) builds the data as the reference
 implementation does (``pyro_seqlatent.data.hopper``, ``pyro_seqlatent.data.physionet``) and
-scores as it does: the MSE of a record is the mean over all variables of each variable's MSE
-over its scored times, 0 for a variable with none (``lib/likelihood_eval.py``
-``compute_masked_likelihood``), averaged over records; ODE-RNN / RNN-Δt predict the
-first time point of a sequence by its observed value, or 0 where it is unobserved (the
+scores as it does (``pyro_seqlatent.models.forecast_metrics``): the MSE of a record is the
+mean over all variables of each variable's MSE over its scored times, 0 for a variable with
+none (``lib/likelihood_eval.py`` ``compute_masked_likelihood``), averaged over records;
+ODE-RNN / RNN-Δt predict the first time point of a sequence by its observed value, or 0 where
+it is unobserved (the
 reference's ``utils.shift_outputs`` with ``first_point = observed_data[:, 0]``), and the Latent
 ODE's MSE is the mean of the MSEs of 3 z0 samples (``VAE_Baseline.get_mse`` under
 ``compute_loss_all_batches(..., n_traj_samples=3)``). Only those rows are set beside the
@@ -72,16 +73,15 @@ from pathlib import Path
 import _results  # benchmarks/_results.py (this script's folder is on sys.path)
 import pyro
 import torch
-from torch.utils.data import DataLoader
 
 from pyro_seqlatent.cli import train_system
 from pyro_seqlatent.data.irregular import (
     apply_task,
     padded_collate,
-    persistence_predict,
     union_grid_collate,
 )
 from pyro_seqlatent.data.periodic import make_periodic
+from pyro_seqlatent.experiments.report import plot_learning_curve
 from pyro_seqlatent.infer.run import load_run
 from pyro_seqlatent.infer.train import (
     BEST,
@@ -90,18 +90,19 @@ from pyro_seqlatent.infer.train import (
     TrainResult,
     restore_modules,
 )
+from pyro_seqlatent.models.forecast_metrics import (
+    persistence_mse,
+    predictive_mse,
+    reference_test_mse,
+)
 from pyro_seqlatent.models.latent_ode import (
     DATA_DEFAULTS,
     LatentODEModel,
-    forecast,
-    masked_mse,
     nfe_metrics,
-    predict,
     reset_nfe,
     system_datasets,
 )
 from pyro_seqlatent.registry import get_model
-from pyro_seqlatent.report import plot_learning_curve
 
 PROTOCOLS = ("ours", "reference")
 REFERENCE_DATASETS = ("hopper", "physionet")  # those with a protocol="reference"
@@ -112,7 +113,6 @@ FIXED_TRAIN_SETTINGS = {"num_steps", "num_epochs", "max_time_s", "time_budget", 
                         "checkpoint_every", "progress",
                         "batch_size"}  # set by the benchmark's own flags
 MODELS = ("latent_ode", "latent_ode_poisson", "ode_rnn", "rnn_dt", "persistence")
-REFERENCE_LATENT_SAMPLES = 3  # run_models.py: compute_loss_all_batches(..., n_traj_samples=3)
 
 ANCHORS = {  # paper values (MSE) = the reference implementation's protocol; see FIELD-NOTES
     ("hopper", "interp", "latent_ode"): {0.1: 0.360e-2, 0.2: 0.295e-2, 0.3: 0.300e-2,
@@ -137,100 +137,6 @@ def parse_cell(text: str) -> dict:
 def row_protocol(row: dict) -> str:
     """A row's protocol; rows written before the field existed are ``"ours"``."""
     return row.get("protocol", "ours")
-
-
-@torch.no_grad()
-def test_mse(model, guide, dataset, batch_size=50, num_samples=8) -> float:
-    model.eval()
-    sse = count = 0.0
-    for batch in DataLoader(dataset, batch_size=batch_size, collate_fn=union_grid_collate):
-        pred = predict(model, guide, batch, num_samples=num_samples)
-        s, c = masked_mse(pred, batch["values"], batch["mask"])
-        sse, count = sse + s, count + c
-    model.train()
-    return sse / max(count, 1.0)
-
-
-def reference_record_mse(pred: torch.Tensor, values: torch.Tensor,
-                         mask: torch.Tensor) -> tuple[float, int]:
-    """``(sum over records of the record's MSE, number of records)``, a record's MSE being the
-    reference's: the mean over all ``D`` variables of each variable's mean squared error over
-    its masked times, 0 for a variable with no masked time. ``pred`` may carry leading sample
-    dimensions (each sample counts as a record, so the result is the mean over samples)."""
-    err = ((pred - values) ** 2 * mask).sum(-2)  # (..., B, D)
-    count = mask.expand_as(pred).sum(-2)
-    per_variable = torch.where(count > 0, err / count.clamp_min(1), torch.zeros_like(err))
-    per_record = per_variable.mean(-1)
-    return float(per_record.sum()), per_record.numel()
-
-
-def observed_mse_sums(pred: torch.Tensor, values: torch.Tensor,
-                      mask: torch.Tensor) -> tuple[float, float]:
-    """``(sum of squared errors over observed entries, number of observed entries)``, ``pred``
-    with optional leading sample dimensions (each sample counted). Their ratio is the MSE
-    pooled over observations, the weighting of the Gaussian likelihood in the ELBO, where
-    :func:`reference_record_mse` gives every record and every variable the same weight."""
-    m = mask.expand_as(pred)
-    return float(((pred - values) ** 2 * m).sum()), float(m.sum())
-
-
-def reference_first_point(pred: torch.Tensor, batch: dict) -> torch.Tensor:
-    """``pred`` with each sequence's first time point replaced as the reference's ODE-RNN and
-    RNN baselines do (``lib/ode_rnn.py``, ``lib/rnn_baselines.py``: ``utils.shift_outputs`` with
-    ``first_point = data[:, 0]``, the observed data, zero where unobserved): the observed value
-    there, or 0 for the features not observed. A sequence's first time point is its first
-    grid index with any ``mask`` or ``obs_mask`` entry (union grids hold other sequences'
-    times too)."""
-    present = torch.maximum(batch["mask"], batch["obs_mask"]).sum(-1) > 0  # (B, N)
-    first = present.to(torch.int8).argmax(dim=1)  # (B,)
-    rows = torch.arange(pred.shape[0], device=pred.device)
-    out = pred.clone()
-    out[rows, first] = (batch["values"] * batch["obs_mask"])[rows, first]
-    return out
-
-
-@torch.no_grad()
-def reference_test_mse(model, guide, dataset, batch_size=50) -> dict:
-    """Test MSE scored the reference's way (see the module docstring): ``{"test_mse", ...}``,
-    with ``test_mse_pooled`` (:func:`observed_mse_sums`) beside it; baselines also report
-    ``test_mse_without_first_point_rule``."""
-    model.eval()
-    sse = count = plain = pooled_sse = pooled_count = 0.0
-    for batch in DataLoader(dataset, batch_size=batch_size, collate_fn=union_grid_collate):
-        if hasattr(model, "predict"):  # deterministic one-step baselines
-            pred = model.predict(**batch)
-            scored = reference_first_point(pred, batch)
-            plain += reference_record_mse(pred, batch["values"], batch["mask"])[0]
-        else:  # mean over z0 samples of each sample's MSE
-            scored = forecast(model, guide, batch,
-                              num_samples=REFERENCE_LATENT_SAMPLES)["samples"]
-        s, c = reference_record_mse(scored, batch["values"], batch["mask"])
-        ps, pc = observed_mse_sums(scored, batch["values"], batch["mask"])
-        sse, count = sse + s, count + c
-        pooled_sse, pooled_count = pooled_sse + ps, pooled_count + pc
-    model.train()
-    out = {"test_mse": sse / max(count, 1.0),
-           "test_mse_pooled": pooled_sse / max(pooled_count, 1.0)}
-    if hasattr(model, "predict"):
-        out["test_mse_without_first_point_rule"] = plain / max(count, 1.0)
-    return out
-
-
-def persistence_mse(dataset, protocol: str, batch_size=50) -> dict:
-    """Test MSE of :func:`persistence_predict` (``{"test_mse"}``; under ``"reference"`` also
-    ``test_mse_with_first_point_rule``, the same predictions scored with the reference ODE-RNN's
-    first-point rule, for comparison with its anchor)."""
-    score = masked_mse if protocol == "ours" else reference_record_mse
-    sse = count = ruled = 0.0
-    for batch in DataLoader(dataset, batch_size=batch_size, collate_fn=union_grid_collate):
-        pred = persistence_predict(batch["values"], batch["obs_mask"])
-        s, c = score(pred, batch["values"], batch["mask"])
-        ruled += score(reference_first_point(pred, batch), batch["values"], batch["mask"])[0]
-        sse, count = sse + s, count + c
-    out = {"test_mse": sse / max(count, 1.0)}
-    if protocol == "reference":
-        out["test_mse_with_first_point_rule"] = ruled / max(count, 1.0)
-    return out
 
 
 def step_cost(model, guide, dataset, batch_size) -> dict:
@@ -494,7 +400,7 @@ def run_cell(name, cell, args, out_dir: Path) -> tuple[dict, dict]:
     if protocol == "reference":
         scores = reference_test_mse(model, guide, datasets["test"])
     else:
-        scores = {"test_mse": test_mse(model, guide, datasets["test"])}
+        scores = {"test_mse": predictive_mse(model, guide, datasets["test"])}
     row = {
         "model": label, **cell, "protocol": protocol, "options": options,
         "steps": result.step, "epochs": epochs, "train_s": result.wall_time_s,
@@ -528,7 +434,7 @@ def rescore(run_dirs: list[str], which: str = "best") -> list[dict]:
         pyro.set_rng_seed(0)
         test = run.datasets()["test"]
         scores = (reference_test_mse(run.model, run.guide, test) if protocol == "reference"
-                  else {"test_mse": test_mse(run.model, run.guide, test)})
+                  else {"test_mse": predictive_mse(run.model, run.guide, test)})
         step = torch.load(run.checkpoint, map_location="cpu",
                           weights_only=False)["state"]["step"]
         out.append({"run": str(path), "checkpoint": which, "step": step,

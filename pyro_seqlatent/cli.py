@@ -279,7 +279,7 @@ def _cmd_sample(args) -> int:
 
 
 def _cmd_demo(args) -> int:
-    from pyro_seqlatent.report import run_demo
+    from pyro_seqlatent.experiments.report import run_demo
 
     run_demo(Path(args.out), models=args.models, data_root=args.data_root, device=args.device)
     return 0

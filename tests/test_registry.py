@@ -4,8 +4,8 @@ settings, and it builds a model/guide pair of nn.Modules from its defaults and d
 import pytest
 from torch import nn
 
+from pyro_seqlatent.experiments.report import split_demo
 from pyro_seqlatent.registry import get_model, list_commands, list_models
-from pyro_seqlatent.report import split_demo
 
 
 @pytest.mark.parametrize("name", list_models())

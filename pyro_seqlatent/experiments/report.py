@@ -1,4 +1,9 @@
-"""Learning-curve figures and the one-page report of ``make demo``."""
+"""Learning-curve figures and the one-page report of ``make demo`` (``pyro-seqlatent demo``).
+
+:func:`run_demo` trains every registered system that declares a ``demo`` briefly
+(:func:`~pyro_seqlatent.experiments.systems.train_system`), evaluates it, draws its figures and
+adds the demo sections other experiment drivers register (e.g. EM vs SVI).
+"""
 
 from __future__ import annotations
 
@@ -67,15 +72,13 @@ def _fmt(value: Any) -> str:
 def split_demo(spec) -> tuple[dict, dict, dict]:
     """``(model options, train settings, eval settings)`` of a spec's ``demo`` entry, given either
     as ``{"options": ..., "train": ..., "eval": ...}`` or as one flat dict of both kinds of keys."""
-    from dataclasses import fields
-
-    from pyro_seqlatent.infer import TrainConfig
+    from pyro_seqlatent.infer.config import GROUP_OF
 
     demo = dict(spec.demo)
     ev = demo.pop("eval", None) or {}
     if "options" in demo or "train" in demo:
         return dict(demo.get("options") or {}), dict(demo.get("train") or {}), ev
-    train_keys = {f.name for f in fields(TrainConfig)}
+    train_keys = set(GROUP_OF)  # every training setting by its flat name
     options = {k: v for k, v in demo.items() if k in spec.defaults}
     settings = {k: v for k, v in demo.items() if k in train_keys and k not in options}
     unknown = set(demo) - set(options) - set(settings)
@@ -88,7 +91,7 @@ def run_demo(out: Path, models: list[str] | None = None, data_root: str | None =
              device: str = "cpu") -> Path:
     """Train every registered system that declares a ``demo`` briefly on real data, evaluate it,
     draw its figures and write ``out/report.md`` (+ ``report.json``)."""
-    from pyro_seqlatent.cli import train_system
+    from pyro_seqlatent.experiments.systems import train_system
     from pyro_seqlatent.infer import evaluate
     from pyro_seqlatent.registry import get_model, list_demo_sections, list_models
 
