@@ -22,7 +22,7 @@ import wave
 import numpy as np
 import torch
 
-from pyro_seqlatent.data.root import data_file
+from pyro_seqlatent.data.root import data_file, data_file_error, reading_data_file
 from pyro_seqlatent.data.sequences import SequenceDataset
 
 RELATIVE_PATH = "fsdd/fsdd_recordings.tar.gz"
@@ -45,27 +45,35 @@ def read_recordings(root: str | os.PathLike | None = None) -> list[dict]:
     """Every recording as ``{"digit", "speaker", "index", "wave"}`` (float64 in [-1, 1))."""
     path = data_file(RELATIVE_PATH, root)
     out = []
-    with tarfile.open(path, "r:gz") as archive:
-        for member in archive:
-            match = _NAME.search(member.name)
-            if not member.isfile() or match is None:
-                continue
-            with wave.open(io.BytesIO(archive.extractfile(member).read())) as wav:
-                if (wav.getframerate(), wav.getnchannels(), wav.getsampwidth()) != (
-                    SAMPLE_RATE, 1, 2
-                ):
-                    raise ValueError(f"{member.name}: expected mono 16-bit PCM at 8 kHz")
-                pcm = np.frombuffer(wav.readframes(wav.getnframes()), dtype="<i2")
-            out.append({
-                "digit": int(match.group(1)),
-                "speaker": match.group(2),
-                "index": int(match.group(3)),
-                "wave": pcm.astype(np.float64) / 32768.0,
-            })
+    with reading_data_file(path, "not a readable .tar.gz of WAV recordings (truncated or "
+                                 "corrupt)"):
+        with tarfile.open(path, "r:gz") as archive:
+            for member in archive:
+                match = _NAME.search(member.name)
+                if not member.isfile() or match is None:
+                    continue
+                out.append({
+                    "digit": int(match.group(1)),
+                    "speaker": match.group(2),
+                    "index": int(match.group(3)),
+                    "wave": _read_wave(path, member.name, archive.extractfile(member).read()),
+                })
     if not out:
-        raise ValueError(f"{path}: no recordings found")
+        raise data_file_error(path, "no recordings {digit}_{speaker}_{index}.wav in the archive")
     out.sort(key=lambda r: (r["speaker"], r["digit"], r["index"]))
     return out
+
+
+def _read_wave(path, name: str, data: bytes) -> np.ndarray:
+    """Samples of one WAV file of the archive ``path``, float64 in [-1, 1)."""
+    with reading_data_file(path, f"its member {name} is not a readable WAV file"):
+        with wave.open(io.BytesIO(data)) as wav:
+            form = (wav.getframerate(), wav.getnchannels(), wav.getsampwidth())
+            if form != (SAMPLE_RATE, 1, 2):
+                raise data_file_error(path, f"its member {name} is not mono 16-bit PCM at 8 kHz "
+                                            f"(rate, channels, bytes per sample = {form})")
+            pcm = np.frombuffer(wav.readframes(wav.getnframes()), dtype="<i2")
+    return pcm.astype(np.float64) / 32768.0
 
 
 def frame(wave_: np.ndarray, frame_size: int = FRAME_SIZE) -> np.ndarray:

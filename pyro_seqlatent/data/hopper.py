@@ -4,7 +4,9 @@ Recipe (shared/data README): ``dm_control.suite.load("hopper", "stand")`` with
 ``mujoco==3.17.0``; 10,000 trajectories × 200 frames; state = 7 ``qpos`` + 7 ``qvel``; seed 123;
 initial ``qpos[:2] ~ U(0, 0.5)``, ``qpos[2:] ~ U(-2, 2)``, ``qvel ~ U(-5, 5)``; one
 ``physics.step()`` per frame (zero control). Generated once and cached under
-:func:`pyro_seqlatent.data.physionet.cache_dir`. ``dm-control`` is the ``bench`` extra
+:func:`pyro_seqlatent.data.physionet.cache_dir`; a cache file that cannot be read, or holds the
+wrong shape, is deleted with a warning and generated again
+(:func:`pyro_seqlatent.data.physionet.read_cache`). ``dm-control`` is the ``bench`` extra
 (``pip install -e '.[bench]'``); without it the loader raises :class:`ImportError` naming it.
 
 Two protocols (``protocol=``; ``docs/latent_ode.md`` § Protocols says what differs and why):
@@ -48,7 +50,7 @@ import numpy as np
 import torch
 
 from pyro_seqlatent.data.irregular import IrregularDataset, apply_task
-from pyro_seqlatent.data.physionet import cache_dir
+from pyro_seqlatent.data.physionet import cache_dir, read_cache
 
 N_TRAJ, N_STEPS, SEED = 10_000, 200, 123
 PROTOCOLS = ("ours", "reference")
@@ -144,9 +146,9 @@ def load_hopper(n_traj: int = N_TRAJ, n_steps: int = N_STEPS, seed: int = SEED,
     if protocol not in PROTOCOLS:
         raise ValueError(f"protocol={protocol!r}: use one of {PROTOCOLS}")
     path = _cache_path(n_traj, n_steps, seed)
-    if path.exists():
-        data = torch.load(path, weights_only=True)
-    else:
+    shape = (n_traj, n_steps, 14)
+    data = read_cache(path, lambda cached: torch.is_tensor(cached) and cached.shape == shape)
+    if data is None:
         data, lo, hi = minmax_normalize(torch.from_numpy(generate_hopper(n_traj, n_steps, seed)))
         _save({"lo": lo, "hi": hi}, _cache_path(n_traj, n_steps, seed, "_range"))
         _save(data, path)
@@ -163,11 +165,12 @@ def hopper_range(data: torch.Tensor, n_traj: int = N_TRAJ, n_steps: int = N_STEP
     the trajectories that hold each feature's minimum and maximum (≤ 28, about a second), which
     are checked against the cache."""
     path = _cache_path(n_traj, n_steps, seed, "_range")
-    if path.exists():
-        saved = torch.load(path, weights_only=True)
+    d = data.shape[-1]
+    saved = read_cache(path, lambda r: isinstance(r, dict) and all(
+        torch.is_tensor(r.get(k)) and tuple(r[k].shape) == (d,) for k in ("lo", "hi")))
+    if saved is not None:
         return saved["lo"], saved["hi"]
     flat = data.reshape(n_traj, n_steps, -1)
-    d = flat.shape[-1]
     by_feature = flat.permute(2, 0, 1).reshape(d, -1)
     where_lo, where_hi = by_feature.argmin(1), by_feature.argmax(1)
     traj = sorted({int(i) // n_steps for i in torch.cat([where_lo, where_hi])})

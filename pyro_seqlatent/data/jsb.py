@@ -17,7 +17,7 @@ import pickle
 import numpy as np
 import torch
 
-from pyro_seqlatent.data.root import data_file
+from pyro_seqlatent.data.root import data_file, data_file_error, reading_data_file
 from pyro_seqlatent.data.sequences import SequenceDataset
 
 RELATIVE_PATH = "jsb_chorales/jsb_chorales.pickle"
@@ -54,11 +54,23 @@ class RestrictedUnpickler(pickle.Unpickler):
 def load_raw(root: str | os.PathLike | None = None) -> dict[str, list]:
     """The pickle's dict ``{"train", "valid", "test"}`` of lists of lists of note tuples."""
     path = data_file(RELATIVE_PATH, root)
-    with open(path, "rb") as handle:
-        data = RestrictedUnpickler(handle, encoding="latin1").load()
+    with reading_data_file(path, "not a readable JSB Chorales pickle (truncated, corrupt, or "
+                                 "it refers to Python objects other than numpy scalars)"):
+        with open(path, "rb") as handle:
+            data = RestrictedUnpickler(handle, encoding="latin1").load()
     if not isinstance(data, dict) or set(SPLITS) - set(data):
-        raise ValueError(f"{path}: expected a dict with keys {SPLITS}")
+        found = sorted(map(str, data)) if isinstance(data, dict) else type(data).__name__
+        raise data_file_error(path, f"expected a dict with keys {SPLITS}, found {found}")
     return data
+
+
+def _rolls(sequences, root, limit: int | None) -> list[torch.Tensor]:
+    """Piano rolls of the first ``limit`` chorales of one split of the pickle (all if ``None``);
+    malformed content is an error naming the file."""
+    with reading_data_file(data_file(RELATIVE_PATH, root),
+                           "a split is not a list of chorales, each a list of frames of MIDI "
+                           "notes 21..108"):
+        return [piano_roll(seq) for seq in sequences[:limit]]
 
 
 def piano_roll(frames) -> torch.Tensor:
@@ -83,9 +95,7 @@ def load_jsb(
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
     raw = load_raw(root)[split]
-    if max_sequences is not None:
-        raw = raw[:max_sequences]
-    return SequenceDataset([piano_roll(seq) for seq in raw], name=f"jsb_{split}")
+    return SequenceDataset(_rolls(raw, root, max_sequences), name=f"jsb_{split}")
 
 
 def load_jsb_splits(root=None, max_sequences: int | None = None) -> dict[str, SequenceDataset]:
@@ -93,8 +103,8 @@ def load_jsb_splits(root=None, max_sequences: int | None = None) -> dict[str, Se
     raw = load_raw(root)
     out = {}
     for split in SPLITS:
-        seqs = raw[split] if max_sequences is None else raw[split][:max_sequences]
-        out[split] = SequenceDataset([piano_roll(s) for s in seqs], name=f"jsb_{split}")
+        out[split] = SequenceDataset(_rolls(raw[split], root, max_sequences),
+                                     name=f"jsb_{split}")
     return out
 
 

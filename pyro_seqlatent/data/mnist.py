@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import os
 
+import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from pyro_seqlatent.data.root import data_file
+from pyro_seqlatent.data.root import data_file, data_file_error, reading_data_file
 
 SPLITS = ("train", "valid", "test")
 IMAGE_SHAPE = (28, 28)
@@ -25,9 +26,12 @@ def load_binarized_mnist(split: str, root: str | os.PathLike | None = None) -> t
     import scipy.io
 
     path = data_file(f"binarized_mnist/binarized_mnist_{split}.mat", root)
-    array = scipy.io.loadmat(path)["X"]
-    if array.ndim != 2 or array.shape[1] != 784:
-        raise ValueError(f"{path}: expected X of shape (N, 784), got {array.shape}")
+    with reading_data_file(path, "not a readable MATLAB file (truncated or corrupt)"):
+        contents = scipy.io.loadmat(path)
+    array = contents.get("X")
+    if not isinstance(array, np.ndarray) or array.ndim != 2 or array.shape[1] != 784:
+        found = "no variable X" if array is None else f"X of shape {np.shape(array)}"
+        raise data_file_error(path, f"expected a variable X of shape (N, 784), found {found}")
     # MATLAB files hold column-major arrays: rows made contiguous here, or every batch would
     # gather its images from 784 places 50,000 floats apart (~100x slower to index)
     return torch.from_numpy(array.astype("float32", order="C"))

@@ -18,7 +18,9 @@ Protocol (Rubanova et al. 2019 §4.3 and the reference's PhysioNet command):
 * times divided by ``time_scale`` (48 h → :math:`t \in [0, 1]`).
 
 The parsed raw records are cached once under :func:`cache_dir` (``$PYRO_SEQLATENT_CACHE`` or
-``~/.cache/pyro_seqlatent``), never inside the repository.
+``~/.cache/pyro_seqlatent``), never inside the repository. A cache file that cannot be read or
+does not hold what it should is deleted, with a warning naming it, and rebuilt
+(:func:`read_cache`).
 """
 
 from __future__ import annotations
@@ -27,12 +29,20 @@ import csv
 import io
 import os
 import tarfile
+import warnings
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from pyro_seqlatent.data.irregular import IrregularDataset, apply_task
-from pyro_seqlatent.data.root import data_file
+from pyro_seqlatent.data.root import (
+    data_file,
+    data_file_error,
+    describe_error,
+    reading_data_file,
+)
 
 ARCHIVE = "physionet2012/physionet2012_seta_setb.tar.gz"
 VARIABLES = (
@@ -56,6 +66,39 @@ def cache_dir() -> Path:
     path = Path(os.environ.get("PYRO_SEQLATENT_CACHE", "~/.cache/pyro_seqlatent")).expanduser()
     path.mkdir(parents=True, exist_ok=True)
     return path
+
+
+def read_cache(path: Path, check: Callable[[Any], bool] | None = None) -> Any | None:
+    """The object cached in ``path`` (read with ``weights_only=True``), or ``None`` when there is
+    none. A cache that cannot be read (truncated, corrupt, refused by the safe load) or for which
+    ``check(obj)`` is false is deleted with a warning naming it, and ``None`` returned so that
+    the caller rebuilds it; one that cannot be deleted raises
+    :class:`~pyro_seqlatent.data.root.DataFileError` (delete it by hand)."""
+    if not path.exists():
+        return None
+    try:
+        obj = torch.load(path, weights_only=True)
+        problem = None if check is None or check(obj) else "not the expected content"
+    except Exception as err:  # torch reports damage as RuntimeError, EOFError, UnpicklingError
+        problem = f"truncated or corrupt ({describe_error(err)})"
+    if problem is None:
+        return obj
+    try:
+        path.unlink()
+    except OSError as err:
+        raise data_file_error(path, f"this cache file is {problem} and cannot be deleted", err,
+                              "Delete it by hand: it is rebuilt from the data.") from err
+    warnings.warn(f"cache file {path} was {problem}: deleted, rebuilding it", stacklevel=3)
+    return None
+
+
+def _raw_is_valid(raw: Any) -> bool:
+    keys = ("ids", "minutes", "params", "values", "offsets")
+    if not isinstance(raw, dict) or any(not torch.is_tensor(raw.get(k)) for k in keys):
+        return False
+    n, offsets = raw["minutes"].numel(), raw["offsets"]
+    return (offsets.numel() == raw["ids"].numel() + 1 and raw["params"].numel() == n
+            and raw["values"].numel() == n and int(offsets[0]) == 0 and int(offsets[-1]) == n)
 
 
 def _parse_record(text: str, index: dict, keep_unknown: bool = False) -> tuple[list, list, list]:
@@ -89,21 +132,30 @@ def load_raw(root=None, refresh: bool = False, protocol: str = "ours") -> dict:
     archive = data_file(ARCHIVE, root)
     suffix = "" if protocol == "ours" else "_reference"
     cached = cache_dir() / f"physionet2012_raw{suffix}_v{_CACHE_VERSION}.pt"
-    if cached.exists() and not refresh:
-        return torch.load(cached, weights_only=True)
+    if not refresh:
+        raw = read_cache(cached, _raw_is_valid)
+        if raw is not None:
+            return raw
     names = VARIABLES if protocol == "ours" else REFERENCE_VARIABLES
     index = {name: i for i, name in enumerate(names)}
     ids, minutes, params, values, offsets = [], [], [], [], [0]
     records = []
-    with tarfile.open(archive, "r:gz") as tar:
-        for member in tar:  # stream order: seeking back in a .tar.gz re-decompresses
-            name = "/" + member.name
-            if not (member.isfile() and "/set-" in name and name.endswith(".txt")):
-                continue
-            mins, pars, vals = _parse_record(tar.extractfile(member).read().decode(), index,
-                                             keep_unknown=protocol == "reference")
-            if mins:
-                records.append((int(Path(member.name).stem), mins, pars, vals))
+    with reading_data_file(archive, "not a readable .tar.gz (truncated or corrupt)"):
+        with tarfile.open(archive, "r:gz") as tar:
+            for member in tar:  # stream order: seeking back in a .tar.gz re-decompresses
+                name = "/" + member.name
+                if not (member.isfile() and "/set-" in name and name.endswith(".txt")):
+                    continue
+                text = tar.extractfile(member).read()
+                with reading_data_file(archive, f"its record {member.name} is not UTF-8 "
+                                                "Time,Parameter,Value rows with HH:MM times"):
+                    mins, pars, vals = _parse_record(text.decode(), index,
+                                                     keep_unknown=protocol == "reference")
+                if mins:
+                    records.append((int(Path(member.name).stem), mins, pars, vals))
+    if not records:
+        raise data_file_error(archive, "no set-a/ or set-b/ record with observations in the "
+                                       "archive")
     for record_id, mins, pars, vals in sorted(records, key=lambda r: r[0]):
         ids.append(record_id)
         minutes += mins
