@@ -56,6 +56,10 @@ class ModelSpec:
         report.
     :param description: one line for ``pyro-seqlatent list`` and ``--help``.
     :param option_help: help text of each option (shown by ``--help``).
+    :param option_choices: the allowed values of the options that take one of a fixed set
+        (the command line offers them as ``choices``; :meth:`options` refuses any other value).
+    :param option_groups: ``{title: [option, ...]}``: how ``--help`` groups the options (e.g.
+        data / networks / solver); options in no group are shown under "<name> options".
     """
 
     name: str
@@ -71,16 +75,38 @@ class ModelSpec:
     plot: Callable | None = None
     description: str = ""
     option_help: dict[str, str] = field(default_factory=dict)
+    option_choices: dict[str, list] = field(default_factory=dict)
+    option_groups: dict[str, list[str]] = field(default_factory=dict)
+
+    def __post_init__(self):
+        grouped = [k for names in self.option_groups.values() for k in names]
+        for what, keys in (("option_help", self.option_help),
+                           ("option_choices", self.option_choices),
+                           ("option_groups", grouped)):
+            unknown = set(keys) - set(self.defaults)
+            if unknown:
+                raise ValueError(f"model {self.name!r}: {what} names {sorted(unknown)}, which "
+                                 f"are not options; known options: {sorted(self.defaults)}")
+        self._check_choices(self.defaults, "default ")
 
     def options(self, **overrides) -> dict:
-        """The defaults updated with ``overrides``; unknown keys raise a clear error."""
+        """The defaults updated with ``overrides``; an unknown key, or a value outside an
+        option's ``option_choices``, raises a ``ValueError`` naming it."""
         unknown = set(overrides) - set(self.defaults)
         if unknown:
             raise ValueError(
                 f"model {self.name!r} has no option(s) {sorted(unknown)}; "
                 f"known options: {sorted(self.defaults)}"
             )
+        self._check_choices(overrides)
         return {**self.defaults, **overrides}
+
+    def _check_choices(self, values: dict, what: str = "") -> None:
+        for key, value in values.items():
+            choices = self.option_choices.get(key)
+            if choices is not None and value not in choices:
+                raise ValueError(f"model {self.name!r}: {what}option {key} must be one of "
+                                 f"{list(choices)}, got {value!r}")
 
 
 _REGISTRY: dict[str, ModelSpec] = {}

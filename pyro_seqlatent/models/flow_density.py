@@ -26,7 +26,7 @@ from torch.distributions import AffineTransform, SigmoidTransform
 from torch.utils.data import Dataset
 
 from pyro_seqlatent.registry import ModelSpec, register_model
-from pyro_seqlatent.transforms import flow_stack, standard_logistic
+from pyro_seqlatent.transforms import FLOW_KINDS, flow_stack, standard_logistic
 
 LOGIT_ALPHA = 0.05
 PRIORS = ("normal", "logistic")
@@ -154,4 +154,12 @@ register_model(ModelSpec(
     train_defaults={"lr": 1e-3, "batch_size": 64, "num_epochs": 100},
     demo={"num_epochs": 20, "eval": {"num_samples": 1, "max_points": 270}},
     description="NICE / RealNVP density on dequantized 8x8 digits (maximum likelihood)",
+    option_help={
+        "flow": "nice (additive couplings) or real_nvp (affine couplings); any flow kind works",
+        "num_couplings": "number of flows (couplings for nice / real_nvp)",
+        "hidden": "width of the two hidden layers of each coupling network",
+        "prior": "base distribution: normal or logistic (NICE's)",
+        "dataset": "digits (the 8x8 digits of scikit-learn, dequantized)",
+    },
+    option_choices={"flow": list(FLOW_KINDS), "prior": list(PRIORS), "dataset": ["digits"]},
 ))

@@ -374,6 +374,32 @@ DATA_DEFAULTS = {
     "extrap_train": "future",
 }
 EXTRAP_TRAIN = ("future", "all")
+#: help text of each data option (shared by latent_ode, ode_rnn and rnn_dt)
+DATA_HELP = {
+    "dataset": "periodic (toy sinusoids), physionet (PhysioNet 2012 ICU records) or hopper "
+               "(MuJoCo hopper trajectories)",
+    "task": "interp: observe a fraction of the points and reconstruct all; extrap: observe the "
+            "first half and predict the second",
+    "fraction": "fraction of the (first-half, for extrap) time points the encoder observes",
+    "n_series": "number of periodic series (dataset=periodic)",
+    "recipe": "periodic time grids: paper (own grid per series) or code (one shared grid, the "
+              "reference code)",
+    "quantization": "PhysioNet time bins in hours (1/60: the minute)",
+    "n_records": "use only this many PhysioNet records (0: all 8,000)",
+    "data_seed": "seed of the series, masks and splits (not the training seed)",
+    "protocol": "hopper, physionet: ours or reference (the reference implementation's recipe; "
+                "docs/latent_ode.md)",
+    "extrap_train": "extrap training target: future (the points after the split, as the "
+                    "reference) or all (the observed prefix too)",
+}
+#: the fixed sets of values of the data options
+DATA_CHOICES = {
+    "dataset": list(DATASETS),
+    "task": ["interp", "extrap"],
+    "recipe": ["paper", "code"],
+    "protocol": ["ours", "reference"],
+    "extrap_train": list(EXTRAP_TRAIN),
+}
 
 
 def with_prefix_targets(dataset):
@@ -539,6 +565,8 @@ def plot_latent_ode(model, guide, datasets, options, out_dir):
 
 def _register():
     from pyro_seqlatent.data.irregular import union_grid_collate
+    from pyro_seqlatent.nn.init import INITS
+    from pyro_seqlatent.nn.ode import ADAPTIVE_METHODS, FIXED_METHODS
     from pyro_seqlatent.registry import ModelSpec, register_model
 
     register_model(ModelSpec(
@@ -562,6 +590,41 @@ def _register():
             "obs_std": 0.01,
             "obs_weighting": "point",
             "init": "torch",
+        },
+        option_help={
+            **DATA_HELP,
+            "latent_dim": "size of z0",
+            "hidden_dim": "state size of the ODE-RNN encoder",
+            "ode_units": "width of each hidden layer of the ODE networks (the latent "
+                         "dynamics f and the encoder's ODE)",
+            "ode_layers": "hidden layers of the ODE networks",
+            "guide": "site guide of z0: meanfield (diagonal Normal) or a flow",
+            "num_flows": "number of flows of a flow guide",
+            "poisson": "add the Poisson-process likelihood of the observation times",
+            "poisson_rates": "Poisson rates: per_feature (the reference) or shared (one rate)",
+            "method": "torchdiffeq solver of the decoder ODE",
+            "rtol": "relative tolerance of an adaptive solver",
+            "atol": "absolute tolerance of an adaptive solver",
+            "adjoint": "backpropagate through the solve by the adjoint method (less memory)",
+            "obs_std": "standard deviation sigma of the Gaussian observation noise",
+            "obs_weighting": "point (the ELBO: every observation weighs 1) or variable (every "
+                             "observed variable of a series weighs the same)",
+            "init": "initialisation: torch (PyTorch's defaults) or normal (std 0.1)",
+        },
+        option_choices={
+            **DATA_CHOICES,
+            "guide": list(GUIDES),
+            "poisson_rates": list(POISSON_RATES),
+            "method": list(ADAPTIVE_METHODS + FIXED_METHODS),
+            "obs_weighting": list(OBS_WEIGHTINGS),
+            "init": list(INITS),
+        },
+        option_groups={
+            "data": list(DATA_DEFAULTS),
+            "networks and guide": ["latent_dim", "hidden_dim", "ode_units", "ode_layers", "guide",
+                                   "num_flows", "init"],
+            "likelihood and ODE solver": ["poisson", "poisson_rates", "obs_std", "obs_weighting",
+                                          "method", "rtol", "atol", "adjoint"],
         },
         collate_fn=union_grid_collate,
         elbo="Trace_ELBO",

@@ -113,7 +113,13 @@ class EmptyGuide(nn.Module):
 
 def _register():
     from pyro_seqlatent.data.irregular import union_grid_collate
-    from pyro_seqlatent.models.latent_ode import DATA_DEFAULTS, data_dim, system_datasets
+    from pyro_seqlatent.models.latent_ode import (
+        DATA_CHOICES,
+        DATA_DEFAULTS,
+        DATA_HELP,
+        data_dim,
+        system_datasets,
+    )
     from pyro_seqlatent.registry import ModelSpec, register_model
 
     def build_ode_rnn(options):
@@ -126,15 +132,23 @@ def _register():
             EmptyGuide()
 
     common = {**DATA_DEFAULTS, "hidden_dim": 50, "obs_std": 0.01}
+    helps = {**DATA_HELP, "hidden_dim": "state size of the recurrent network",
+             "obs_std": "standard deviation sigma of the Gaussian observation noise",
+             "ode_units": "width of each hidden layer of the ODE between observations",
+             "ode_layers": "hidden layers of the ODE between observations"}
+    groups = {"data": list(DATA_DEFAULTS)}
     train_defaults = {"batch_size": 50, "lr": 1e-2, "clip_norm": 1e4, "valid_every": 100}
     register_model(ModelSpec(
         name="ode_rnn", build=build_ode_rnn, datasets=system_datasets,
         defaults={**common, "ode_units": 50, "ode_layers": 1}, collate_fn=union_grid_collate,
-        train_defaults=train_defaults,
+        train_defaults=train_defaults, option_help=helps, option_choices=DATA_CHOICES,
+        option_groups=groups,
         description="ODE-RNN baseline (Rubanova et al. 2019, Algorithm 1), deterministic"))
     register_model(ModelSpec(
         name="rnn_dt", build=build_rnn_dt, datasets=system_datasets, defaults=common,
         collate_fn=union_grid_collate, train_defaults=train_defaults,
+        option_help={k: v for k, v in helps.items() if k in common},
+        option_choices=DATA_CHOICES, option_groups=groups,
         description="GRU with the elapsed time Δt as input (RNN-Δt baseline), deterministic"))
 
 

@@ -34,7 +34,7 @@ class RNNModel(nn.Module):
     :param int num_layers: hidden layers per MLP.
     :param str rnn: ``"gru"`` or ``"lstm"``.
     :param str emission: ``"bernoulli"``, ``"gaussian"`` or ``"gmm"``.
-    :param float dropout: dropout probability on :math:`\varphi^x(x_t)` and on the emission
+    :param float dropout: dropout probability on :math:`\\varphi^x(x_t)` and on the emission
         input (train mode only).
     """
 
@@ -140,7 +140,12 @@ def _build_from_options(options: dict):
 
 def _register() -> None:
     from pyro_seqlatent.data.sequences import pad_collate
-    from pyro_seqlatent.models.vrnn import sequence_datasets
+    from pyro_seqlatent.models.vrnn import (
+        SEQUENCE_CHOICES,
+        SEQUENCE_GROUPS,
+        SEQUENCE_HELP,
+        sequence_datasets,
+    )
     from pyro_seqlatent.registry import ModelSpec, register_model
 
     register_model(ModelSpec(
@@ -156,6 +161,9 @@ def _register() -> None:
         generate=lambda model, n, options: model(length=options.get("generate_length", 50),
                                                  num_sequences=n),
         train_defaults={"lr": 1e-3, "batch_size": 20, "clip_norm": 10.0},
+        option_help=SEQUENCE_HELP,
+        option_choices=SEQUENCE_CHOICES,
+        option_groups=SEQUENCE_GROUPS,
         demo={"h_dim": 64, "feature_dim": 64, "hidden_dim": 64, "num_steps": 300, "lr": 3e-3,
               "batch_size": 20, "max_time_s": 60.0,
               "eval": {"num_samples": 20, "max_points": 16, "batch_size": 16}},

@@ -344,4 +344,5 @@ register_model(ModelSpec(
         "train_limit": "use only the first N training images (0: all 50,000)",
         "valid_limit": "use only the first N validation images (0: all 10,000)",
     },
+    option_choices={"guide": list(GUIDES)},
 ))

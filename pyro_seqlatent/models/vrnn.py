@@ -521,7 +521,7 @@ class VRNNGuide(nn.Module):
 def build_vrnn(x_dim: int, *, guide: str = "meanfield", num_flows: int = 2,
                smoothing: bool = False, register_params: bool = False,
                **core_options) -> tuple[VRNNModel, VRNNGuide]:
-    """``(model, guide)`` sharing one :class:`VRNNCore(x_dim, **core_options)`;
+    r"""``(model, guide)`` sharing one :class:`VRNNCore` (``VRNNCore(x_dim, **core_options)``);
     ``guide`` is ``"meanfield"`` (:class:`~pyro_seqlatent.guides.MeanFieldGuide`) or ``"iaf"``:
     the project's :class:`~pyro_seqlatent.guides.FlowGuide` with ``num_flows`` conditional IAFs
     (MADEs reading the guide's context, :math:`[\varphi^x(x_t), h_{t-1}]` and :math:`a_t` with
@@ -569,6 +569,35 @@ def forecast(model: VRNNModel, guide: VRNNGuide, prefix: torch.Tensor, horizon: 
 # ----------------------------------------------------------------------------------------------
 DATA_DIMS = {"jsb": 88, "fsdd": 200}
 DEFAULT_EMISSION = {"jsb": "bernoulli", "fsdd": "gmm"}
+#: help text of the options shared by ``vrnn`` and the ``rnn`` baselines
+SEQUENCE_HELP = {
+    "dataset": "jsb (JSB chorales piano rolls, 88 keys) or fsdd (spoken-digit speech frames)",
+    "emission": "p(x_t | ...): bernoulli, gaussian, gmm, or auto (bernoulli on jsb, gmm on fsdd)",
+    "h_dim": "RNN state size",
+    "feature_dim": "output size of the feature networks phi",
+    "hidden_dim": "width of the hidden layers of every MLP",
+    "num_layers": "hidden layers per MLP",
+    "rnn": "recurrent cell: gru or lstm",
+    "num_components": "mixture components of the gmm emission",
+    "dropout": "dropout probability on phi_x(x_t) and the emission input (training only)",
+    "max_sequences": "use only this many sequences per split (0: all)",
+    "transpose": "jsb: add every transposition of each training chorale by up to this many "
+                 "semitones each way (0: off)",
+    "generate_length": "steps of the sequences that `pyro-seqlatent sample` draws",
+}
+#: the fixed sets of values of the options shared by ``vrnn`` and the ``rnn`` baselines
+SEQUENCE_CHOICES = {
+    "dataset": sorted(DATA_DIMS),
+    "emission": ["auto", *EMISSIONS],
+    "rnn": ["gru", "lstm"],
+}
+#: how ``--help`` groups the options shared by ``vrnn`` and the ``rnn`` baselines
+SEQUENCE_GROUPS = {
+    "data": ["dataset", "max_sequences", "transpose"],
+    "networks": ["emission", "h_dim", "feature_dim", "hidden_dim", "num_layers", "rnn",
+                 "num_components", "dropout"],
+    "sampling": ["generate_length"],
+}
 
 
 def sequence_datasets(options: dict, root=None) -> dict:
@@ -637,6 +666,24 @@ def _register() -> None:
         batch_plate="data",
         generate=_generate,
         train_defaults={"lr": 1e-3, "batch_size": 20, "clip_norm": 10.0},
+        option_help={
+            **SEQUENCE_HELP,
+            "guide": "guide of each z_t: meanfield (diagonal Normal) or iaf (conditional IAFs)",
+            "num_flows": "number of IAFs of guide=iaf",
+            "z_dim": "latent size per step",
+            "prior": "p(z_t | h_{t-1}): learned (the VRNN) or standard N(0, I) (VRNN-I)",
+            "smoothing": "the guide also reads a backward GRU over x_{t:T}",
+            "decoder_h": "the decoder reads h_{t-1} as well as z_t (the VRNN); off: z_t only "
+                         "(a deep Markov model's emission)",
+        },
+        option_choices={**SEQUENCE_CHOICES, "guide": ["meanfield", "iaf"],
+                        "prior": ["learned", "standard"]},
+        option_groups={
+            "data": SEQUENCE_GROUPS["data"],
+            "latent variables and guide": ["z_dim", "prior", "guide", "num_flows", "smoothing"],
+            "networks": [*SEQUENCE_GROUPS["networks"], "decoder_h"],
+            "sampling": SEQUENCE_GROUPS["sampling"],
+        },
         demo={"h_dim": 64, "feature_dim": 64, "hidden_dim": 64, "z_dim": 16,
               "num_steps": 300, "lr": 3e-3, "batch_size": 20, "max_time_s": 70.0,
               "eval": {"num_samples": 20, "max_points": 16, "batch_size": 16}},
