@@ -67,12 +67,10 @@ def train_options(parser, text: str, fixed: set, fixed_hint: str,
     flags set them: ``fixed_hint``), an unknown field, a schedule whose horizon is ``num_steps``
     (these benchmarks stop on a time budget) or settings ``TrainConfig`` rejects once merged
     over each of ``defaults`` (the trained models' own training defaults)."""
-    from dataclasses import fields
-
-    from pyro_seqlatent.infer.train import TrainConfig
+    from pyro_seqlatent.infer.config import TrainConfig, settings
 
     extra = json_object(parser, "--train-options", text, "'{\"weight_decay\": 0.001}'")
-    known = {f.name for f in fields(TrainConfig)} - set(fixed)
+    known = set(settings()) - set(fixed)
     bad = sorted(set(extra) - known)
     if bad:
         parser.error(f"--train-options: {bad} cannot be set here ({fixed_hint}); allowed: "

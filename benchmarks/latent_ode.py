@@ -74,7 +74,6 @@ import _results  # benchmarks/_results.py (this script's folder is on sys.path)
 import pyro
 import torch
 
-from pyro_seqlatent.cli import train_system
 from pyro_seqlatent.data.irregular import (
     apply_task,
     padded_collate,
@@ -82,6 +81,7 @@ from pyro_seqlatent.data.irregular import (
 )
 from pyro_seqlatent.data.periodic import make_periodic
 from pyro_seqlatent.experiments.report import plot_learning_curve
+from pyro_seqlatent.experiments.systems import train_system
 from pyro_seqlatent.infer.run import load_run
 from pyro_seqlatent.infer.train import (
     BEST,

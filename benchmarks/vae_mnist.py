@@ -35,9 +35,9 @@ import _results  # benchmarks/_results.py (this script's folder is on sys.path)
 import pyro
 import torch
 
-from pyro_seqlatent.cli import train_system
 from pyro_seqlatent.data.mnist import BinarizedMNIST
 from pyro_seqlatent.data.subsets import fixed_subset
+from pyro_seqlatent.experiments.systems import train_system
 from pyro_seqlatent.infer import evaluate, load_run
 from pyro_seqlatent.infer.run import read_metrics
 from pyro_seqlatent.infer.train import BEST, restore_modules

@@ -1,18 +1,26 @@
 """``pyro-seqlatent``: train, evaluate and sample any registered system, and run the demo.
 
-This is the only module that wires models, data and inference together. Models register
-themselves (:mod:`pyro_seqlatent.registry`); their options become flags automatically::
+This module only parses the command line and dispatches; the work is done by
+:mod:`pyro_seqlatent.experiments` (:mod:`~pyro_seqlatent.experiments.systems`: train, evaluate,
+sample; :mod:`~pyro_seqlatent.experiments.launch`: ``--nproc``). Models register themselves
+(:mod:`pyro_seqlatent.registry`); their options become flags automatically::
 
     pyro-seqlatent list
     pyro-seqlatent train vae --guide iaf --num-flows 4 --num-epochs 10 --run-dir runs/vae-iaf
+    pyro-seqlatent train vae --num-steps 100 --option weight_decay=1e-4 --option ema_decay=0.99
+    pyro-seqlatent train vae --num-steps 100 --train-options '{"lr_schedule": "cosine"}'
+    pyro-seqlatent train vae --help-all          # every option and training setting
     pyro-seqlatent evaluate runs/vae-iaf --num-samples 5000 --max-points 1000
     pyro-seqlatent sample runs/vae-iaf -n 64
     pyro-seqlatent demo --out runs/demo
     pyro-seqlatent train vrnn --nproc 4 --batch-size 64 --run-dir runs/vrnn-4   # 4 processes
 
-``--nproc N`` re-launches the same command under ``torchrun --standalone --nproc_per_node N``
-(one machine); for several machines run ``torchrun ... -m pyro_seqlatent.cli train ...`` yourself
-(docs: "Training on many GPUs or machines").
+``train MODEL --help`` shows the model's options and the dozen training settings people use;
+every other setting of :func:`pyro_seqlatent.infer.config.settings` is reachable through
+``--option KEY=VALUE`` (repeatable), ``--train-options JSON`` or its own (unlisted) flag, and
+``--help-all`` lists them all. ``--nproc N`` re-launches the same command under ``torchrun
+--standalone --nproc_per_node N`` (one machine); for several machines run ``torchrun ... -m
+pyro_seqlatent.cli train ...`` yourself (docs: "Training on many GPUs or machines").
 """
 
 from __future__ import annotations
@@ -20,176 +28,309 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
-import time
-from dataclasses import MISSING, fields
-from pathlib import Path
+import textwrap
 from typing import Any
 
-import pyro
-import torch
-
-from pyro_seqlatent.infer import ELBOS, TrainConfig, evaluate, load_run, train
-from pyro_seqlatent.infer.run import RUN_CONFIG
+from pyro_seqlatent.infer.config import LR_SCHEDULES, OPTIMIZERS, TrainConfig, settings
+from pyro_seqlatent.infer.elbos import ELBOS
 from pyro_seqlatent.registry import ModelSpec, get_model, list_commands, list_models
 
-# TrainConfig fields whose default is None: the type of their flag.
-_NONE_TYPES = {
-    "num_steps": int,
-    "num_epochs": int,
-    "clip_norm": float,
-    "valid_every": int,
-    "valid_max_batches": int,
-    "early_stopping_patience": int,
-    "checkpoint_every": int,
-    "max_time_s": float,
-    "lr_schedule": str,
-    "pyro_validation": bool,
+#: the training settings ``train MODEL --help`` shows, by help group; every other setting keeps
+#: an unlisted flag and is reachable through ``--option`` / ``--train-options``
+SHOWN_SETTINGS = {
+    "length and budget": ("num_steps", "num_epochs", "max_time_s"),
+    "optimisation": ("elbo", "lr", "batch_size", "clip_norm"),
+    "output: run folder and validation": ("valid_every",),
+    "where it runs": ("device", "seed"),
 }
-_SKIP_TRAIN_FIELDS = {"elbo_kwargs", "betas", "progress", "device", "seed", "elbo"}
+_SETTING_CHOICES = {
+    "elbo": list(ELBOS),
+    "optimizer": sorted(OPTIMIZERS),
+    "lr_schedule": [s for s in LR_SCHEDULES if s is not None],
+    "time_budget": ["wall", "process"],
+}
+_TYPES = {"int": int, "float": float, "str": str, "bool": bool}
+_BOOLS = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
+_EPILOG = """\
+Every other training setting (weight_decay, lr_schedule, kl_anneal_steps, ema_decay,
+checkpoint_every, ...) and every model option can be set with --option KEY=VALUE (repeatable;
+VALUE is read as JSON when it parses, else as a string) or with --train-options JSON (an object
+of training settings, e.g. '{"lr_schedule": "cosine"}'). Precedence: --train-options, then
+--option, then the named flags. The full list with groups, defaults and help:
+`pyro-seqlatent train %(model)s --help-all`, or docs/api.md ("Training settings")."""
 
 
 def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
-def _add_options(group, defaults: dict[str, Any], types: dict[str, type] | None = None,
-                 helps: dict[str, str] | None = None) -> None:
-    for name, default in defaults.items():
-        kind = type(default) if default is not None else (types or {}).get(name, str)
-        text = f"{(helps or {}).get(name, '')} (default: {default})".strip()
-        if kind is bool:
-            group.add_argument(_flag(name), dest=name, action=argparse.BooleanOptionalAction,
-                               default=argparse.SUPPRESS, help=text)
+def _json_value(text: str) -> Any:
+    """``text`` as JSON when it parses, else the string itself."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
+def _setting_kind(setting) -> type | Any:
+    """The type of a training setting's flag (``_json_value`` for dicts, tuples, ...)."""
+    if setting.default is not None and type(setting.default) in _TYPES.values():
+        return type(setting.default)
+    return _TYPES.get(str(setting.type).split("|")[0].strip(), _json_value)
+
+
+def _train_defaults(spec: ModelSpec) -> dict[str, Any]:
+    """Every training setting's default for ``spec`` (its ``train_defaults`` and ELBO over the
+    trainer's own)."""
+    out = {name: s.default for name, s in settings().items()}
+    return {**out, **spec.train_defaults, "elbo": spec.elbo}
+
+
+def _help(text: str, default: Any, choices: list | None = None) -> str:
+    one_of = f" {{{', '.join(map(str, choices))}}}" if choices and len(choices) <= 8 else ""
+    return f"{text}{one_of} (default: {default})".replace("%", "%%")
+
+
+def _add_flag(group, name: str, kind: Any, text: str, choices: list | None = None) -> None:
+    if kind is bool:
+        group.add_argument(_flag(name), dest=name, action=argparse.BooleanOptionalAction,
+                           default=argparse.SUPPRESS, help=text)
+        return
+    metavar = "JSON" if kind is _json_value else kind.__name__.upper()
+    group.add_argument(_flag(name), dest=name, type=kind, default=argparse.SUPPRESS,
+                       choices=choices, metavar=metavar, help=text)
+
+
+def _add_model_options(parser: argparse.ArgumentParser, spec: ModelSpec) -> None:
+    """The model's options, in its ``option_groups`` (the rest under "<name> options")."""
+    titles = {k: title for title, names in spec.option_groups.items() for k in names}
+    groups: dict[str, Any] = {}
+    for name, default in spec.defaults.items():
+        title = f"{spec.name} options" + (f": {titles[name]}" if name in titles else "")
+        if title not in groups:
+            groups[title] = parser.add_argument_group(title)
+        choices = spec.option_choices.get(name)
+        _add_flag(groups[title], name, type(default),
+                  _help(spec.option_help.get(name, ""), default, choices), choices)
+
+
+def _add_settings(parser: argparse.ArgumentParser, spec: ModelSpec) -> dict[str, Any]:
+    """Every training setting as a flag: those of :data:`SHOWN_SETTINGS` in their help groups,
+    the others unlisted. Returns the help groups by title."""
+    groups = {title: parser.add_argument_group(title) for title in SHOWN_SETTINGS}
+    shown = {name: title for title, names in SHOWN_SETTINGS.items() for name in names}
+    defaults, known = _train_defaults(spec), settings()
+    for name in [*shown, *(k for k in known if k not in shown)]:
+        setting, choices = known[name], _SETTING_CHOICES.get(name)
+        if name in shown:
+            group = groups[shown[name]]
+            text = _help(setting.help, defaults[name], choices)
         else:
-            group.add_argument(_flag(name), dest=name, type=kind, default=argparse.SUPPRESS,
-                               metavar=kind.__name__.upper(), help=text)
+            group, text = parser, argparse.SUPPRESS
+        _add_flag(group, name, _setting_kind(setting), text, choices)
+    return groups
 
 
-def _train_defaults() -> dict[str, Any]:
-    out = {}
-    for f in fields(TrainConfig):
-        if f.name in _SKIP_TRAIN_FIELDS:
-            continue
-        out[f.name] = f.default if f.default is not MISSING else f.default_factory()
-    return out
+def _add_run_flags(groups: dict[str, Any]) -> None:
+    """The flags of ``train`` that are no training setting."""
+    groups["optimisation"].add_argument(
+        "--num-particles", type=int, default=argparse.SUPPRESS, metavar="INT",
+        help="particles per ELBO estimate, vectorized (default: 1)")
+    out = groups["output: run folder and validation"]
+    out.add_argument("--run-dir", default=None,
+                     help="output folder (default: runs/<model>-<date>-<time>)")
+    out.add_argument("--resume", action="store_true",
+                     help="continue from RUN_DIR/checkpoint.pt (default: a fresh run)")
+    where = groups["where it runs"]
+    where.add_argument("--data-root", default=None,
+                       help="data folder (default: $PYRO_SEQLATENT_DATA)")
+    where.add_argument("--nproc", type=int, default=1, metavar="N",
+                       help="data-parallel processes on this machine, launched with torchrun; "
+                       "--batch-size is the global batch (default: 1)")
 
 
-def _common(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
-                        help="where tensors live (default: cpu)")
-    parser.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
-    parser.add_argument("--data-root", default=None,
-                        help="data folder (default: $PYRO_SEQLATENT_DATA)")
+class _HelpAll(argparse.Action):
+    """``--help-all``: print every model option and training setting, then exit."""
+
+    def __init__(self, option_strings, dest, spec: ModelSpec, **kwargs):
+        self.spec = spec
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, **kwargs)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        print(describe_all(self.spec))
+        parser.exit()
 
 
-def _train_parser(spec: ModelSpec) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog=f"pyro-seqlatent train {spec.name}",
-        description=spec.description or f"Train the registered model {spec.name!r} by SVI.",
-    )
-    _common(parser)
-    parser.add_argument("--run-dir", default=None,
-                        help="output folder (default: runs/<model>-<time>)")
-    parser.add_argument("--resume", action="store_true",
-                        help="continue from RUN_DIR/checkpoint.pt")
-    parser.add_argument("--elbo", default=spec.elbo, choices=list(ELBOS), metavar="ELBO",
-                        help=f"one of {', '.join(ELBOS)} (default: {spec.elbo})")
-    parser.add_argument("--num-particles", type=int, default=1,
-                        help="particles per ELBO estimate, vectorized (default: 1)")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-    parser.add_argument("--nproc", type=int, default=1, metavar="N",
-                        help="data-parallel processes on this machine, launched with torchrun; "
-                        "--batch-size is the global batch (default: 1)")
-    defaults = {**_train_defaults(), **spec.train_defaults}
-    taken = set(parser._option_string_actions) | {_flag(k) for k in defaults}
-    clashes = sorted(k for k in spec.defaults if _flag(k) in taken)
+def _check_clashes(spec: ModelSpec, parser: argparse.ArgumentParser) -> None:
+    taken = set(parser._option_string_actions) | {_flag(k) for k in settings()}
+    clashes = sorted(k for k in spec.defaults if _flag(k) in taken or k in settings())
     if clashes:
         raise ValueError(
             f"model {spec.name!r} has option(s) {clashes} whose flags are the trainer's own "
             f"({', '.join(_flag(k) for k in clashes)}); rename them in its ModelSpec.defaults "
             "(e.g. 'seed' -> 'data_seed')"
         )
-    model_group = parser.add_argument_group(f"{spec.name} options")
-    _add_options(model_group, spec.defaults, helps=spec.option_help)
-    train_group = parser.add_argument_group("training options")
-    _add_options(train_group, {k: v for k, v in defaults.items() if k in _train_defaults()},
-                 _NONE_TYPES)
+
+
+def _train_parser(spec: ModelSpec) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=f"pyro-seqlatent train {spec.name}",
+        usage=f"pyro-seqlatent train {spec.name} [options]",
+        description=textwrap.fill(spec.description
+                                  or f"Train the registered model {spec.name!r} by SVI.", 79),
+        epilog=_EPILOG % {"model": spec.name},
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    _check_clashes(spec, parser)
+    _add_model_options(parser, spec)
+    groups = _add_settings(parser, spec)
+    _add_run_flags(groups)
+    other = parser.add_argument_group("every other setting")
+    other.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
+                       help="set any model option or training setting by name (repeatable)")
+    other.add_argument("--train-options", default=None, metavar="JSON",
+                       help="a JSON object of training settings")
+    other.add_argument("--help-all", action=_HelpAll, spec=spec,
+                       help="list every model option and training setting and exit")
     return parser
 
 
-def _check_resumed_options(run_dir: Path, name: str, options: dict) -> None:
-    """Resuming continues the same model on the same data: refuse other model options."""
-    from pyro_seqlatent.infer.train import CHECKPOINT
-
-    path = run_dir / RUN_CONFIG
-    if not (path.exists() and (run_dir / CHECKPOINT).exists()):
-        return  # nothing to continue: a fresh run
-    saved = json.loads(path.read_text())
-    new = json.loads(json.dumps(options, default=str))
-    old = saved.get("options", {})
-    changed = sorted(k for k in old if k in new and old[k] != new[k])
-    if saved.get("model", name) != name or changed:
-        diffs = ", ".join(f"{k}: {old[k]!r} -> {new[k]!r}" for k in changed)
-        raise ValueError(
-            f"resume: {run_dir} holds a {saved.get('model')!r} run with other options "
-            f"({diffs or 'another model'}); resume it with its own options (config.json) or "
-            "train in another folder")
-
-
-def train_system(
-    name: str,
-    options: dict | None = None,
-    run_dir: str | Path | None = None,
-    *,
-    data_root: str | None = None,
-    resume: bool = False,
-    **train_kwargs: Any,
-):
-    """Build the registered system ``name``, load its data and train it with :func:`train`.
-
-    Writes ``config.json`` (model name and options) beside the trainer's files so that
-    :func:`~pyro_seqlatent.infer.load_run` can rebuild it. Returns ``(result, model, guide,
-    datasets)``.
-    """
-    spec = get_model(name)
-    options = spec.options(**(options or {}))
-    run_dir = Path(run_dir or f"runs/{name}-{time.strftime('%Y%m%d-%H%M%S')}")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    settings = {**spec.train_defaults, **train_kwargs}
-    pyro.clear_param_store()
-    pyro.set_rng_seed(settings.get("seed", 0))
-    datasets = spec.datasets(options, data_root)
-    model, guide = spec.build(options)
-    if resume:
-        _check_resumed_options(run_dir, name, options)
-    if int(os.environ.get("RANK", "0")) == 0:  # under torchrun only rank 0 writes
-        (run_dir / RUN_CONFIG).write_text(json.dumps(
-            {"model": name, "options": options, "data_root": data_root}, indent=2, default=str))
-    settings.setdefault("elbo", spec.elbo)
-    result = train(model, guide, datasets["train"], valid_data=datasets.get("valid"),
-                   collate_fn=spec.collate_fn, run_dir=run_dir, resume=resume, **settings)
-    return result, model, guide, datasets
+def describe_all(spec: ModelSpec) -> str:
+    """What ``train MODEL --help-all`` prints: every model option and every training setting
+    with its group, default (``spec``'s own where it sets one) and help text."""
+    lines = [f"pyro-seqlatent train {spec.name}: every option. Set any of them with --option "
+             "KEY=VALUE or its flag (--key-name VALUE); training settings also with "
+             "--train-options JSON.", "", f"{spec.name} options:"]
+    for name, default in spec.defaults.items():
+        choices = spec.option_choices.get(name)
+        text = spec.option_help.get(name, "") + (f" {{{', '.join(map(str, choices))}}}"
+                                                 if choices else "")
+        lines.append(f"  {name} = {default!r}: {text}")
+    defaults = _train_defaults(spec)
+    for group, names in _by_group().items():
+        lines += ["", f"training settings, group {group!r} (pyro_seqlatent.infer.config):"]
+        for name in names:
+            setting = settings()[name]
+            lines.append(f"  {name} = {defaults[name]!r}: {setting.help}")
+    return "\n".join(lines)
 
 
-def _subset(data, max_points: int | None):
-    from pyro_seqlatent.data.subsets import fixed_subset
+def _by_group() -> dict[str, list[str]]:
+    out: dict[str, list[str]] = {}
+    for name, setting in settings().items():
+        out.setdefault(setting.group, []).append(name)
+    return out
 
-    return fixed_subset(data, max_points)
+
+def settings_markdown() -> str:
+    """The table of every training setting in ``docs/api.md`` ("Training settings")."""
+    shown = {name for names in SHOWN_SETTINGS.values() for name in names}
+    rows = ["| setting | group | default | shown by `--help` | meaning |",
+            "| --- | --- | --- | --- | --- |"]
+    for name, s in settings().items():
+        flag = f"`{_flag(name)}`" if name in shown else "–"
+        rows.append(f"| `{name}` | {s.group} | `{s.default!r}` | {flag} | {s.help} |")
+    return "\n".join(rows)
 
 
-def evaluate_run(run_dir: str | Path, *, split: str = "test", num_samples: int = 1000,
-                 max_points: int | None = None, batch_size: int = 100, device: str = "cpu",
-                 data_root: str | None = None, seed: int = 0, progress: bool = False) -> dict:
-    """Importance-sampled log-likelihood and ELBO of a trained run on one split."""
-    run = load_run(run_dir, device=device)
-    data = _subset(run.datasets(data_root)[split], max_points)
-    spec = run.spec
-    out = evaluate(run.model, run.guide, data, num_samples=num_samples, batch_size=batch_size,
-                   collate_fn=spec.collate_fn, batch_plate=spec.batch_plate, device=device,
-                   seed=seed, progress=progress)
-    return {k: v for k, v in out.items() if not k.endswith("per_point")}
+def _option_value(text: str, kind: Any) -> Any:
+    """An ``--option`` value for a setting or option of type ``kind``."""
+    if kind is bool and text.lower() in _BOOLS:
+        return _BOOLS[text.lower()]
+    if kind is str:
+        return None if text in ("null", "None") else text
+    value = _json_value(text)
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    return value
+
+
+def _parse_options(parser, spec: ModelSpec, pairs: list[str]) -> tuple[dict, dict]:
+    """``--option KEY=VALUE`` pairs as ``(model options, training settings)``."""
+    options, train_settings = {}, {}
+    known = settings()
+    for pair in pairs:
+        key, sep, text = pair.partition("=")
+        key = key.strip().replace("-", "_")
+        if not sep:
+            parser.error(f"--option {pair!r}: use KEY=VALUE")
+        if key in spec.defaults:
+            options[key] = _option_value(text, type(spec.defaults[key]))
+        elif key in known:
+            train_settings[key] = _option_value(text, _setting_kind(known[key]))
+        else:
+            parser.error(f"--option {key}: not an option of {spec.name!r} nor a training "
+                         f"setting; `pyro-seqlatent train {spec.name} --help-all` lists them")
+    return options, train_settings
+
+
+def _parse_train_options(parser, spec: ModelSpec, text: str | None) -> dict:
+    if text is None:
+        return {}
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as err:
+        parser.error(f"--train-options: not JSON ({err}); e.g. '{{\"lr_schedule\": \"cosine\"}}'")
+    if not isinstance(value, dict):
+        parser.error(f"--train-options: a JSON object of training settings, got {text!r}")
+    unknown = sorted(set(value) - set(settings()))
+    if unknown:
+        hint = " (model options: use --option KEY=VALUE)" if set(unknown) & set(spec.defaults) \
+            else ""
+        parser.error(f"--train-options: {unknown} are not training settings{hint}; known: "
+                     f"{sorted(settings())}")
+    return value
+
+
+def _train_arguments(parser, spec: ModelSpec, args: dict) -> tuple[dict, dict]:
+    """``(model options, training settings)`` of parsed ``train`` arguments: --train-options,
+    then --option, then the named flags; both checked here so that a mistake is a usage error."""
+    from_json = _parse_train_options(parser, spec, args.pop("train_options"))
+    options, from_pairs = _parse_options(parser, spec, args.pop("option"))
+    options.update({k: args.pop(k) for k in list(args) if k in spec.defaults})
+    train_settings = {**from_json, **from_pairs,
+                      **{k: args.pop(k) for k in list(args) if k in settings()}}
+    particles = args.pop("num_particles", 1)
+    if particles > 1:
+        train_settings["elbo_kwargs"] = {**train_settings.get("elbo_kwargs", {}),
+                                         "num_particles": particles, "vectorize_particles": True}
+    try:
+        spec.options(**options)
+        TrainConfig(**{**_train_defaults(spec), **train_settings}).validate()
+    except (TypeError, ValueError) as err:
+        parser.error(str(err))
+    return options, train_settings
+
+
+def _train_usage(argv: list[str]) -> int:
+    print("usage: pyro-seqlatent train MODEL [options]   (pyro-seqlatent train MODEL --help)")
+    print(f"registered models: {', '.join(list_models())}")
+    return 0 if argv and argv[0] in ("-h", "--help") else 2
+
+
+def _cmd_train(argv: list[str]) -> int:
+    from pyro_seqlatent.experiments.launch import relaunch
+    from pyro_seqlatent.experiments.systems import default_run_dir, run_summary, train_system
+    from pyro_seqlatent.parallel import shutdown, world
+
+    if not argv or argv[0].startswith("-"):
+        return _train_usage(argv)
+    spec = get_model(argv[0])
+    parser = _train_parser(spec)
+    args = vars(parser.parse_args(argv[1:]))
+    nproc = args.pop("nproc")
+    if nproc < 1:
+        parser.error(f"--nproc must be >= 1, got {nproc}")
+    if nproc > 1 and "WORLD_SIZE" not in os.environ:  # re-launch under torchrun
+        return relaunch(argv, nproc, args["run_dir"] or default_run_dir(spec.name))
+    options, train_settings = _train_arguments(parser, spec, args)
+    result, *_ = train_system(spec.name, options, args["run_dir"], data_root=args["data_root"],
+                              resume=args["resume"], **train_settings)
+    if world()[0] == 0:
+        print(json.dumps(run_summary(result)))
+    shutdown()
+    return 0
 
 
 def _cmd_list(args) -> int:
@@ -199,61 +340,11 @@ def _cmd_list(args) -> int:
     return 0
 
 
-def _cmd_train(argv: list[str]) -> int:
-    if not argv or argv[0].startswith("-"):
-        models = ", ".join(list_models())
-        print("usage: pyro-seqlatent train MODEL [options]   (pyro-seqlatent train MODEL --help)")
-        print(f"registered models: {models}")
-        return 0 if argv and argv[0] in ("-h", "--help") else 2
-    spec = get_model(argv[0])
-    args = vars(_train_parser(spec).parse_args(argv[1:]))
-    nproc = args.pop("nproc")
-    if nproc < 1:
-        print(f"pyro-seqlatent: error: --nproc must be >= 1, got {nproc}", file=sys.stderr)
-        return 2
-    if nproc > 1 and "WORLD_SIZE" not in os.environ:  # re-launch under torchrun
-        run_dir = args["run_dir"] or f"runs/{spec.name}-{time.strftime('%Y%m%d-%H%M%S')}"
-        return subprocess.call(torchrun_command(argv, nproc, run_dir))
-    options = {k: args.pop(k) for k in list(args) if k in spec.defaults}
-    train_kwargs = {k: args.pop(k) for k in list(args) if k in _train_defaults()}
-    num_particles = args.pop("num_particles")
-    elbo_kwargs = {"num_particles": num_particles} if num_particles > 1 else {}
-    if num_particles > 1:
-        elbo_kwargs["vectorize_particles"] = True
-    result, *_ = train_system(
-        spec.name, options, args["run_dir"], data_root=args["data_root"], resume=args["resume"],
-        elbo=args["elbo"], elbo_kwargs=elbo_kwargs, device=args["device"], seed=args["seed"],
-        progress=not args["no_progress"], **train_kwargs,
-    )
-    from pyro_seqlatent.infer.distributed import shutdown, world
-
-    if world()[0] == 0:
-        print(json.dumps({"run_dir": str(result.run_dir), "steps": result.step,
-                          "final_loss": result.final_loss, "best_valid": result.best_valid,
-                          "stopped": result.stopped, "wall_time_s": round(result.wall_time_s, 1),
-                          "processes": world()[1]}))
-    shutdown()
-    return 0
-
-
-def torchrun_command(argv: list[str], nproc: int, run_dir: str) -> list[str]:
-    """``python -m torch.distributed.run --standalone --nproc_per_node N -m pyro_seqlatent.cli
-    train MODEL ...`` for ``train`` arguments ``argv`` (``--nproc`` removed, ``--run-dir`` fixed
-    so that every process writes to, and resumes from, the same folder)."""
-    rest, skip = [], False
-    for arg in argv:
-        if skip:
-            skip = False
-        elif arg == "--nproc" or arg == "--run-dir":
-            skip = True
-        elif not arg.startswith(("--nproc=", "--run-dir=")):
-            rest.append(arg)
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone",
-            f"--nproc_per_node={nproc}", "-m", "pyro_seqlatent.cli", "train", *rest,
-            "--run-dir", str(run_dir)]
-
-
 def _cmd_evaluate(args) -> int:
+    from pathlib import Path
+
+    from pyro_seqlatent.experiments.systems import evaluate_run
+
     out = evaluate_run(args.run_dir, split=args.split, num_samples=args.num_samples,
                        max_points=args.max_points, batch_size=args.batch_size,
                        device=args.device, data_root=args.data_root, seed=args.seed,
@@ -265,24 +356,33 @@ def _cmd_evaluate(args) -> int:
 
 
 def _cmd_sample(args) -> int:
-    run = load_run(args.run_dir, device=args.device)
-    if run.spec is None or run.spec.generate is None:
-        print(f"model {run.extra.get('model')!r} has no generator", file=sys.stderr)
+    from pyro_seqlatent.experiments.systems import sample_run
+
+    try:
+        path = sample_run(args.run_dir, args.num_samples, out=args.out, seed=args.seed,
+                          device=args.device)
+    except ValueError as err:
+        print(str(err), file=sys.stderr)
         return 2
-    pyro.set_rng_seed(args.seed)
-    with torch.no_grad():
-        samples = run.spec.generate(run.model, args.num_samples, run.options)
-    out = Path(args.out or Path(args.run_dir) / "samples.pt")
-    torch.save(samples, out)
-    print(f"wrote {out}")
+    print(f"wrote {path}")
     return 0
 
 
 def _cmd_demo(args) -> int:
+    from pathlib import Path
+
     from pyro_seqlatent.experiments.report import run_demo
 
     run_demo(Path(args.out), models=args.models, data_root=args.data_root, device=args.device)
     return 0
+
+
+def _common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
+                        help="where tensors live (default: cpu)")
+    parser.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    parser.add_argument("--data-root", default=None,
+                        help="data folder (default: $PYRO_SEQLATENT_DATA)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -324,10 +424,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     from pyro_seqlatent.data.root import DataNotFoundError
     from pyro_seqlatent.infer import TrainingDiverged
+    from pyro_seqlatent.infer.checkpoint import CheckpointError
 
     try:
         return _main(argv)
-    except (DataNotFoundError, TrainingDiverged) as err:
+    except (DataNotFoundError, TrainingDiverged, CheckpointError) as err:
         print(f"pyro-seqlatent: error: {err}", file=sys.stderr)
         return 2
 

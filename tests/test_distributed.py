@@ -333,7 +333,7 @@ def test_trainer_makes_one_host_sync_per_step():
 
 
 def test_cli_nproc_relaunches_under_torchrun():
-    from pyro_seqlatent.cli import torchrun_command
+    from pyro_seqlatent.experiments.launch import torchrun_command
 
     cmd = torchrun_command(["vrnn", "--nproc", "2", "--run-dir", "old", "--lr=0.1",
                             "--nproc=3"], 2, "runs/x")
