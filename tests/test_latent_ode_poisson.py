@@ -57,7 +57,7 @@ def _batch(per_sequence: bool):
     obs_mask = mask * (torch.rand(B, N, D, generator=gen) < 0.6).double()
     mask[:, 1, :] = 0.0  # a time point with no observation at all
     mask[0, 2, :] = 1.0  # one with every feature
-    obs_mask[0, 3, 1] = 1.0  # an entry only the encoder sees is an event too
+    mask[0, 3, 1], obs_mask[0, 3, 1] = 0.0, 1.0  # an entry only the encoder sees: an event too
     steps = torch.rand(B if per_sequence else 1, N, generator=gen, dtype=torch.float64) + 0.1
     times = steps.cumsum(-1) * 0.3
     return values, mask, (times if per_sequence else times[0]), obs_mask
