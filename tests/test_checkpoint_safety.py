@@ -192,3 +192,17 @@ def test_the_explosion_rule_leaves_ordinary_training_alone():
     result = train(NormalNormal(), AffineNormalGuide(), x, num_steps=300, batch_size=8,
                    lr=0.05, kl_anneal_steps=200, kl_anneal_start=0.0, progress=False)
     assert result.step == 300
+
+
+def test_a_run_that_blows_up_in_its_first_steps_is_stopped(tmp_path):
+    """A learning rate far too high blows the loss up before any window of history exists: the
+    first loss is the yardstick then (``--lr 100`` on the VAE went from 552 to 6.5e17)."""
+    x = TensorDataset(torch.randn(64))
+    with pytest.raises(TrainingDiverged, match=r"step 3: the loss .* exploded .*first loss") as e:
+        train(BlowsUp(at=4), AffineNormalGuide(), x, num_steps=10, batch_size=16,
+              checkpoint_every=1, run_dir=tmp_path, progress=False)
+    assert e.value.checkpoint_step == 1  # step 2's parameters gave the exploding loss
+    assert "train again" not in str(e.value)
+    with pytest.raises(TrainingDiverged, match=r"no checkpoint from before it was kept"):
+        train(BlowsUp(at=3), AffineNormalGuide(), x, num_steps=10, batch_size=16,
+              checkpoint_every=1, run_dir=tmp_path / "b", progress=False)

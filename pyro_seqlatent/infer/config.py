@@ -114,9 +114,11 @@ class Diagnostics:
     progress: bool = _opt(True, "show a progress bar")
     pyro_validation: bool | None = _opt(None, "force Pyro's validation on/off (None: Pyro's "
                                         "global setting)")
-    divergence_factor: float | None = _opt(10.0, "stop when a step's loss exceeds the highest "
-                                           "of the last 50 by this many times their range "
-                                           "(None: only non-finite losses stop a run)")
+    divergence_factor: float | None = _opt(10.0, "stop when a step's loss explodes: above the "
+                                           "first loss by this many times its size, or above "
+                                           "the highest of the last 50 by this many times "
+                                           "their range (None: only non-finite losses stop a "
+                                           "run)")
 
 
 #: group attribute of :class:`TrainConfig` -> its dataclass

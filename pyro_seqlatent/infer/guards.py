@@ -2,15 +2,20 @@ r"""The divergence guard: a run stops at the first non-finite loss, gradient nor
 parameter, parameter or validation loss, and at a loss that explodes while staying finite,
 naming the step and the last good checkpoint, which it leaves intact.
 
-*Explodes*: after :data:`MIN_HISTORY` steps, a step's loss per data point :math:`\ell_t` with
+*Explodes*: a step's loss per data point :math:`\ell_t` with
 
-.. math:: \ell_t > h + k \max(h - l,\; 10^{-3} \max(1, |h|))
+.. math:: \ell_t > \ell_1 + k \max(|\ell_1|, 1)
+   \quad\text{or (after :data:`MIN_HISTORY` steps)}\quad
+   \ell_t > h + k \max(h - l,\; 10^{-3} \max(1, |h|))
 
-where :math:`l, h` are the lowest and highest of the last :data:`WINDOW` losses and :math:`k` is
-``divergence_factor`` (10 by default; None turns the rule off). Noise and steady trends (a loss
-that falls, or rises with the KL weight) stay inside it; a blow-up by orders of magnitude does
-not. The loss of step :math:`t` is computed at the parameters of step :math:`t - 1`, so the
-trainer writes a periodic checkpoint only once the next step's loss has passed the guard.
+where :math:`\ell_1` is the first loss of the session (at the initial or resumed parameters),
+:math:`l, h` are the lowest and highest of the last :data:`WINDOW` losses and :math:`k` is
+``divergence_factor`` (10 by default; None turns the rule off). The first rule catches a run
+that blows up in its first steps (a learning rate far too high), the second one later. Noise
+and steady trends (a loss that falls, or rises with the KL weight) stay inside them; a blow-up
+by orders of magnitude does not. The loss of step :math:`t` is computed at the parameters of
+step :math:`t - 1`, so the trainer writes a periodic checkpoint only once the next step's loss
+has passed the guard.
 """
 
 from __future__ import annotations
@@ -27,16 +32,18 @@ class TrainingDiverged(RuntimeError):
     """Raised at the first non-finite loss or gradient; names the step and last checkpoint."""
 
     def __init__(self, step: int, what: str, checkpoint: Path | None, checkpoint_step: int | None,
-                 problem: str = "is not finite"):
+                 problem: str = "is not finite", folder: Path | None = None):
         self.step = step
         self.checkpoint = checkpoint
         self.checkpoint_step = checkpoint_step
-        where = (
-            f"the last good checkpoint is {checkpoint} (step {checkpoint_step}), left intact; "
-            "resume from it with a lower learning rate or gradient clipping"
-            if checkpoint is not None
-            else "no checkpoint was written yet (pass run_dir=... and checkpoint_every=...)"
-        )
+        if checkpoint is not None:
+            where = (f"the last good checkpoint is {checkpoint} (step {checkpoint_step}), left "
+                     "intact; resume from it with a lower learning rate or gradient clipping")
+        elif folder is not None:
+            where = (f"no checkpoint from before it was kept in {folder}; train again with a "
+                     "lower learning rate or gradient clipping (clip_norm)")
+        else:
+            where = "no checkpoint was written (pass run_dir=... and checkpoint_every=...)"
         super().__init__(f"training diverged at step {step}: {what} {problem}; {where}")
 
 
@@ -58,6 +65,7 @@ class DivergenceGuard:
         self.last_step = last_step
         self.factor = factor
         self.recent: deque[float] = deque(maxlen=WINDOW)
+        self.first: float | None = None
 
     def saved(self, step: int) -> None:
         """A checkpoint of ``step`` has been written."""
@@ -66,7 +74,8 @@ class DivergenceGuard:
     def diverged(self, step: int, what: str, problem: str = "is not finite"
                  ) -> TrainingDiverged:
         return TrainingDiverged(step, what, self.path if self.last_step else None,
-                                self.last_step, problem)
+                                self.last_step, problem,
+                                self.path.parent if self.path is not None else None)
 
     def check_step(self, step: int, loss: float, grad_norm: float) -> None:
         """Before the optimizer step: the loss (per data point) and the gradient norm are
@@ -75,15 +84,27 @@ class DivergenceGuard:
             raise self.diverged(step, "the loss")
         if not math.isfinite(grad_norm):
             raise self.diverged(step, "the gradient norm")
-        if self.factor is not None and len(self.recent) >= MIN_HISTORY:
+        if self.factor is not None:
+            self._check_explosion(step, loss)
+        if self.first is None:
+            self.first = loss
+        self.recent.append(loss)
+
+    def _check_explosion(self, step: int, loss: float) -> None:
+        k = self.factor
+        if self.first is not None and loss > self.first + k * max(abs(self.first), 1.0):
+            raise self.diverged(
+                step, f"the loss {loss:.6g}",
+                f"exploded (above {self.first + k * max(abs(self.first), 1.0):.6g}: the first "
+                f"loss of the run was {self.first:.6g}; divergence_factor={k:g})")
+        if len(self.recent) >= MIN_HISTORY:
             lo, hi = min(self.recent), max(self.recent)
-            limit = hi + self.factor * max(hi - lo, 1e-3 * max(1.0, abs(hi)))
+            limit = hi + k * max(hi - lo, 1e-3 * max(1.0, abs(hi)))
             if loss > limit:
                 raise self.diverged(
                     step, f"the loss {loss:.6g}",
                     f"exploded (above {limit:.6g}: the last {len(self.recent)} steps' losses "
-                    f"lay in [{lo:.6g}, {hi:.6g}]; divergence_factor={self.factor:g})")
-        self.recent.append(loss)
+                    f"lay in [{lo:.6g}, {hi:.6g}]; divergence_factor={k:g})")
 
     def check_parameters(self, step: int, params: Sequence[torch.Tensor]) -> None:
         """Before anything is saved: a finite step can still produce inf parameters."""

@@ -109,7 +109,8 @@ class SVIStep:
     def __call__(self, batch, *, step: int, beta: float, first: bool,
                  noise: contextlib.AbstractContextManager, out_of_time: Callable[[], bool]
                  ) -> StepFigures:
-        """Zero, compute and clip the gradients of ``batch``; raise
+        """Zero, compute and clip the gradients of ``batch`` (by their global norm, as
+        ``torch.nn.utils.clip_grad_norm_``); raise
         :class:`~pyro_seqlatent.infer.guards.TrainingDiverged` when they or the loss are not
         finite. ``first``: the first step of a fresh run (a distribution error then is a broken
         model, not a divergence); ``out_of_time()`` is asked before the sync so every process
@@ -127,9 +128,14 @@ class SVIStep:
         if self.manual_sync:  # DDP averaged world_size * grad; the rest is summed here
             ddp_tools.all_reduce_gradients_(
                 self.manual_sync, 1.0 / self.world_size if self.ddp_module is not None else 1.0)
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.clip_norm)
+        grads = [p.grad for p in self.params if p.grad is not None]
+        grad_norm = torch.nn.utils.get_total_norm(grads)
         figures = self._read(loss, batch_size(batch), grad_norm, out_of_time())
         self.guard.check_step(step, figures.loss / max(figures.n, 1), figures.grad_norm)
+        # clip_grad_norm_'s rule (scale by max / (norm + 1e-6) when below 1), applied only when
+        # it changes something: no pass over the gradients to multiply them by 1
+        if figures.grad_norm + 1e-6 > self.clip_norm:
+            torch.nn.utils.clip_grads_with_norm_(self.params, self.clip_norm, grad_norm)
         return figures
 
     def _read(self, loss, n: int, grad_norm, over_time: bool) -> StepFigures:
