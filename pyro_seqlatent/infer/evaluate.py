@@ -23,9 +23,10 @@ import pyro.poutine as poutine
 import torch
 from pyro.distributions.util import scale_and_mask
 from pyro.poutine.util import site_is_subsample
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
 from pyro_seqlatent.infer.batches import batch_args, to_device
+from pyro_seqlatent.infer.loader import make_loader
 from pyro_seqlatent.infer.modes import eval_mode
 from pyro_seqlatent.infer.nfe import nfe_counters, nfe_record, reset_counters
 
@@ -227,7 +228,7 @@ def evaluate(
     :math:`\\log\\hat p(x)` and of the ELBO per data point, plus the per-point values; for a pair
     with function-evaluation counters (:mod:`pyro_seqlatent.infer.nfe`), the evaluations of the
     whole pass (``model_nfe_forward``, ``guide_nfe_forward``, ...; the counters are reset first)."""
-    loader = DataLoader(data, batch_size=batch_size, shuffle=False, collate_fn=collate_fn)
+    loader = make_loader(data, batch_size=batch_size, collate_fn=collate_fn)
     devices = [torch.device(device)] if torch.device(device).type == "cuda" else []
     lls, elbos = [], []
     counters = nfe_counters(model, guide)
