@@ -24,6 +24,12 @@ import torch.distributed as dist
 
 #: default time a collective may wait for the other processes before failing (seconds)
 DEFAULT_TIMEOUT_S = 300.0
+#: default time every process has to reach the health check (seconds)
+HEALTH_CHECK_TIMEOUT_S = 30.0
+
+
+class ProcessesNotResponding(RuntimeError):
+    """Some processes of the group did not reach a collective in time; names them when known."""
 
 
 # ------------------------------------------------------------------------------ process group
@@ -76,6 +82,47 @@ def init_distributed(device: str | torch.device = "cpu", *, backend: str | None 
             kwargs["device_id"] = device
         dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s), **kwargs)
     return device
+
+
+def health_check(timeout_s: float = HEALTH_CHECK_TIMEOUT_S) -> None:
+    """Every process must reach this point within ``timeout_s`` seconds; otherwise rank 0 raises
+    :class:`ProcessesNotResponding` naming the ranks that did not (the other ranks raise it
+    without names). A barrier monitored by rank 0 over gloo (a gloo side group under NCCL); a
+    no-op without a process group. Call it from every process, e.g. after
+    :func:`init_distributed`, so that a process that hangs is reported in seconds instead of
+    after the collective timeout."""
+    if not is_distributed() or dist.get_world_size() == 1:
+        return
+    group = None if dist.get_backend() == "gloo" else _gloo_group()
+    try:
+        dist.monitored_barrier(group=group, timeout=datetime.timedelta(seconds=timeout_s),
+                               wait_all_ranks=True)
+    except RuntimeError as err:
+        raise ProcessesNotResponding(_not_responding(str(err), timeout_s)) from None
+
+
+_GLOO_GROUP = None
+
+
+def _gloo_group():
+    global _GLOO_GROUP
+    if _GLOO_GROUP is None:
+        _GLOO_GROUP = dist.new_group(backend="gloo")
+    return _GLOO_GROUP
+
+
+def _not_responding(message: str, timeout_s: float) -> str:
+    import re
+
+    found = re.search(r"Ranks? ([\d, ]+) failed to pass monitoredBarrier", message)
+    rank = dist.get_rank()
+    if found:
+        ranks = ", ".join(r.strip() for r in found.group(1).split(",") if r.strip())
+        return (f"process(es) of rank {ranks} did not reach the health check within "
+                f"{timeout_s:g} s (seen from rank {rank}): they hang or died; stop the run "
+                "and look at their output")
+    return (f"rank {rank} lost the other processes at the health check ({timeout_s:g} s): "
+            f"{message.splitlines()[0][:200]}")
 
 
 def shutdown() -> None:

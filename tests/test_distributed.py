@@ -340,3 +340,77 @@ def test_cli_nproc_relaunches_under_torchrun():
     assert cmd[1:6] == ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                         "-m"]
     assert cmd[6:] == ["pyro_seqlatent.cli", "train", "vrnn", "--lr=0.1", "--run-dir", "runs/x"]
+
+
+def _late_worker(rank):
+    import time
+
+    from pyro_seqlatent.parallel import health_check, init_distributed
+
+    init_distributed()
+    if rank == 1:
+        time.sleep(6)  # hangs, as far as the others can tell
+    health_check(timeout_s=1.5)
+
+
+def test_the_health_check_names_the_rank_that_hangs():
+    import time
+
+    start = time.monotonic()
+    with pytest.raises(ProcessRaisedException, match=r"rank 1 did not reach the health check"):
+        run_local(_late_worker, 2, timeout_s=60)
+    assert time.monotonic() - start < 30  # seconds, not the 300 s collective timeout
+
+
+def _processes_mentioning(text):
+    """PIDs of the live processes whose command line contains ``text``."""
+    from pathlib import Path
+
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+                state = next(line for line in (entry / "status").read_text().splitlines()
+                             if line.startswith("State:"))
+            except (OSError, StopIteration):
+                continue
+            if text in cmdline and "zombie" not in state:
+                found.append(int(entry.name))
+    return found
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig", ["SIGTERM", "SIGINT"])
+def test_stopping_the_launcher_leaves_no_process_behind(tmp_path, sig):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    run = tmp_path / f"nproc-{sig}"
+    launcher = subprocess.Popen(
+        [sys.executable, "-m", "pyro_seqlatent.cli", "train", "rnn_dt", "--nproc", "2",
+         "--n-series", "40", "--batch-size", "4", "--num-steps", "100000", "--no-progress",
+         "--run-dir", str(run)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 90
+        while not ((run / "metrics.jsonl").exists() and (run / "metrics.jsonl").stat().st_size):
+            assert launcher.poll() is None, "the launcher stopped by itself"
+            assert time.monotonic() < deadline, "the workers never started training"
+            time.sleep(0.5)
+        assert len(_processes_mentioning(str(run))) >= 4  # launcher, torchrun, 2 workers
+        launcher.send_signal(getattr(signal, sig))
+        launcher.wait(timeout=60)
+        deadline = time.monotonic() + 10
+        while _processes_mentioning(str(run)) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert _processes_mentioning(str(run)) == []
+    finally:
+        import os
+
+        if launcher.poll() is None:
+            os.killpg(launcher.pid, signal.SIGKILL)
+        for pid in _processes_mentioning(str(run)):
+            os.kill(pid, signal.SIGKILL)

@@ -91,6 +91,10 @@ class Batching:
     drop_last: bool = _opt(False, "drop the last incomplete batch of each epoch")
     example_noise: bool = _opt(False, "per-example noise streams (the same draws for every "
                                "number of processes)")
+    ddp_timeout_s: float = _opt(300.0, "DDP: how long a collective waits for the other "
+                                "processes before the run fails")
+    health_check_s: float = _opt(30.0, "DDP: how long every process has to join the start-up "
+                                 "health check, which names the ranks that did not")
 
 
 @dataclass
@@ -243,6 +247,10 @@ def _validate_numbers(cfg: TrainConfig) -> None:
     if not (isinstance(o.ema_decay, (int, float)) and 0.0 <= o.ema_decay < 1.0):
         raise ValueError(f"ema_decay must lie in [0, 1) (0 turns the averaging off), got "
                          f"{o.ema_decay!r}")
+    for name in ("ddp_timeout_s", "health_check_s"):
+        value = getattr(cfg.batching, name)
+        if not (isinstance(value, (int, float)) and value > 0 and math.isfinite(value)):
+            raise ValueError(f"{name} must be a positive number of seconds, got {value!r}")
     k = cfg.diagnostics.divergence_factor
     if k is not None and not (isinstance(k, (int, float)) and k > 0 and math.isfinite(k)):
         raise ValueError(f"divergence_factor must be a positive number or None, got {k!r}")

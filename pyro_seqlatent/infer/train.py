@@ -74,7 +74,7 @@ from pyro_seqlatent.infer.checkpointing import (
     remove_stale,
     restore_modules,
 )
-from pyro_seqlatent.infer.config import OPTIMIZERS, TrainConfig
+from pyro_seqlatent.infer.config import OPTIMIZERS, Batching, TrainConfig
 from pyro_seqlatent.infer.elbos import make_elbo
 from pyro_seqlatent.infer.epochs import Epochs, ResumableSampler
 from pyro_seqlatent.infer.guards import DivergenceGuard, TrainingDiverged
@@ -92,6 +92,7 @@ from pyro_seqlatent.infer.params import (
 from pyro_seqlatent.infer.schedules import ScaleLatents, apply_resumed_lr, kl_scale, make_scheduler
 from pyro_seqlatent.infer.step import SVIStep, elbo_loss
 from pyro_seqlatent.infer.validation import Validator, mean_loss
+from pyro_seqlatent.parallel import health_check
 
 __all__ = [
     "BEST", "CHECKPOINT", "METRICS", "RECOVERY_SETTINGS", "RESUMABLE_CHANGES", "TRAIN_CONFIG",
@@ -162,7 +163,7 @@ def train(
 def _train(model, guide, train_data, valid_data, collate_fn, run_dir, resume, callbacks,
            cfg: TrainConfig) -> TrainResult:
     _check_modules(model, guide)
-    device, rank, world_size = _join_processes(cfg.batching.device)
+    device, rank, world_size = _join_processes(cfg.batching)
     epochs = Epochs(train_data, cfg.batching,
                     ddp_tools.local_batch_size(cfg.batching.batch_size, world_size),
                     collate_fn, world_size)
@@ -277,12 +278,15 @@ def _check_modules(model, guide) -> None:
                 "pyro.module(...) in an nn.Module holding those networks")
 
 
-def _join_processes(device: str) -> tuple[torch.device, int, int]:
-    """``(device, rank, world_size)``; under torchrun the process joins the process group."""
-    device = torch.device(device)  # cfg.validate() checked that CUDA is there if asked
+def _join_processes(batching: Batching) -> tuple[torch.device, int, int]:
+    """``(device, rank, world_size)``; under torchrun the process joins the process group and
+    every process must pass a health check within ``health_check_s``."""
+    device = torch.device(batching.device)  # cfg.validate() checked that CUDA is there if asked
     if ddp_tools.launched_with_many_processes():
-        device = ddp_tools.init_distributed(device)
+        device = ddp_tools.init_distributed(device, timeout_s=batching.ddp_timeout_s)
     rank, world_size = ddp_tools.world()
+    if world_size > 1:
+        health_check(batching.health_check_s)
     return device, rank, world_size
 
 
