@@ -42,7 +42,7 @@ from pyro_seqlatent.infer.checkpoint import (
 )
 from pyro_seqlatent.infer.config import TrainConfig, settings
 from pyro_seqlatent.infer.guards import DivergenceGuard
-from pyro_seqlatent.infer.params import extra_store_params
+from pyro_seqlatent.infer.params import extra_store_params, load_state, state_of
 
 CHECKPOINT = "checkpoint.pt"
 BEST = "best.pt"
@@ -160,8 +160,8 @@ class RunCheckpoints:
 
     def _modules(self) -> dict[str, Any]:
         return {
-            "model": {k: v.detach().clone() for k, v in self.model.state_dict().items()},
-            "guide": {k: v.detach().clone() for k, v in self.guide.state_dict().items()},
+            "model": {k: v.detach().clone() for k, v in state_of(self.model).items()},
+            "guide": {k: v.detach().clone() for k, v in state_of(self.guide).items()},
             "param_store": {k: v.detach().clone() for k, v in extra_store_params(
                 [self.model, self.guide], self.run_params).items()},
         }
@@ -243,8 +243,8 @@ class RunCheckpoints:
                 f"resume it with time_budget={saved_clock!r} (got "
                 f"{self.cfg.length.time_budget!r})")
         check_resumed_config(ckpt.get("config"), self.cfg, run_path)
-        self.model.load_state_dict(ckpt["model"])
-        self.guide.load_state_dict(ckpt["guide"])
+        load_state(self.model, ckpt["model"])
+        load_state(self.guide, ckpt["guide"])
         restore_store_extras(ckpt)
         self.optimizer.load_state_dict(ckpt["optimizer"])
         self.scheduler.load_state_dict(ckpt["scheduler"])
@@ -265,8 +265,8 @@ def restore_modules(ckpt_path: str | os.PathLike, model: nn.Module, guide: nn.Mo
     source = ckpt
     if averaged and ckpt.get("averaged"):
         source = {**ckpt["averaged"], "param_store_state": ckpt.get("param_store_state")}
-    model.load_state_dict(source["model"])
-    guide.load_state_dict(source["guide"])
+    load_state(model, source["model"])
+    load_state(guide, source["guide"])
     restore_store_extras(source)
     return ckpt
 

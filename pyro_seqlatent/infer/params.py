@@ -30,14 +30,35 @@ def traced_param_names(model: Callable, guide: Callable, batch: Any) -> set[str]
             for name, site in trace.nodes.items() if site["type"] == "param"}
 
 
-def collect_parameters(*modules: nn.Module, param_names: set[str] | None = None
+def modules_among(*objects: object) -> list[nn.Module]:
+    """The ``nn.Module``\\ s among ``objects`` (a model or guide may be a plain function whose
+    parameters live in Pyro's param store, through ``pyro.module`` / ``pyro.param``)."""
+    return [obj for obj in objects if isinstance(obj, nn.Module)]
+
+
+def state_of(obj: object) -> dict[str, torch.Tensor]:
+    """``obj.state_dict()`` for a module, ``{}`` for a function (its parameters are param-store
+    entries, checkpointed as such)."""
+    return obj.state_dict() if isinstance(obj, nn.Module) else {}
+
+
+def load_state(obj: object, state: dict[str, torch.Tensor]) -> None:
+    """The inverse of :func:`state_of`."""
+    if isinstance(obj, nn.Module):
+        obj.load_state_dict(state)
+    elif state:
+        raise ValueError(f"the checkpoint holds a module state for {obj!r}, which is not an "
+                         "nn.Module: load it into the module it was trained as")
+
+
+def collect_parameters(*modules: object, param_names: set[str] | None = None
                        ) -> list[nn.Parameter]:
     """Unique trainable parameters of ``modules`` plus Pyro's param-store entries (only those
     named in ``param_names`` when given: the ``param`` sites a run's model and guide touch, so
     entries left by other models in the same process are not trained or checkpointed)."""
     seen: set[int] = set()
     params: list[torch.Tensor] = []
-    for module in modules:
+    for module in modules_among(*modules):
         for p in module.parameters():
             if p.requires_grad and id(p) not in seen:
                 seen.add(id(p))
@@ -51,11 +72,12 @@ def collect_parameters(*modules: nn.Module, param_names: set[str] | None = None
     return params
 
 
-def extra_store_params(modules: Sequence[nn.Module], param_names: set[str] | None = None
+def extra_store_params(modules: Sequence[object], param_names: set[str] | None = None
                        ) -> dict[str, torch.Tensor]:
-    """Param-store entries that are not parameters of ``modules`` (``pyro.param`` in user code),
-    restricted to ``param_names`` when given."""
-    module_ids = {id(p) for m in modules for p in m.parameters()}
+    """Param-store entries that are not parameters of ``modules`` (``pyro.param`` in user code,
+    and everything a plain-function model or guide registers), restricted to ``param_names``
+    when given."""
+    module_ids = {id(p) for m in modules_among(*modules) for p in m.parameters()}
     return {
         name: p
         for name, p in pyro.get_param_store().named_parameters()
@@ -63,9 +85,10 @@ def extra_store_params(modules: Sequence[nn.Module], param_names: set[str] | Non
     }
 
 
-def flow_caches(*modules: nn.Module) -> list[Any]:
+def flow_caches(*modules: object) -> list[Any]:
     """Submodules with a transform cache (``clear_cache``), cleared after every step."""
-    return [m for module in modules for m in module.modules() if hasattr(m, "clear_cache")]
+    return [m for module in modules_among(*modules) for m in module.modules()
+            if hasattr(m, "clear_cache")]
 
 
 _REGISTRATIONS = itertools.count()

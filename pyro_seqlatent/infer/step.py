@@ -83,12 +83,18 @@ class SVIStep:
         self.prefix = None
         if needs_param_sites(elbo):
             self.prefix = registration_prefix()
-            self.guide_fn = registering(guide, self.prefix,
-                                        nn.ModuleDict({"model": model, "guide": guide}))
+            modules = {k: m for k, m in (("model", model), ("guide", guide))
+                       if isinstance(m, nn.Module)}
+            if modules:
+                self.guide_fn = registering(guide, self.prefix, nn.ModuleDict(modules))
 
     def _distribute(self, model, guide, run_params, device) -> None:
         """DDP over the ELBO module for differentiable ELBOs (rank 0's parameters are broadcast
         when it is built); the other gradients are all-reduced by hand."""
+        if not (isinstance(model, nn.Module) and isinstance(guide, nn.Module)):
+            raise TypeError("under DDP, model and guide must be nn.Modules (PyroModules): "
+                            "DistributedDataParallel wraps them; a plain-function model or "
+                            "guide trains in one process")
         extras = list(extra_store_params([model, guide], run_params).values())
         ddp_tools.broadcast_([p.data for p in extras])
         if self.differentiable:

@@ -85,6 +85,7 @@ from pyro_seqlatent.infer.nfe import nfe_counters
 from pyro_seqlatent.infer.params import (
     collect_parameters,
     flow_caches,
+    modules_among,
     needs_param_sites,
     registering,
     traced_param_names,
@@ -119,8 +120,8 @@ class TrainResult:
 
 
 def train(
-    model: nn.Module,
-    guide: nn.Module,
+    model: Callable,
+    guide: Callable,
     train_data: Dataset,
     *,
     valid_data: Dataset | None = None,
@@ -133,7 +134,9 @@ def train(
 ) -> TrainResult:
     """Train ``model``/``guide`` by SVI on ``train_data``.
 
-    :param model: a ``PyroModule`` or ``nn.Module`` whose ``forward`` is the Pyro model.
+    :param model: the Pyro model: a ``PyroModule`` / ``nn.Module`` whose ``forward`` is the
+        model, or a plain function whose parameters come from ``pyro.module`` / ``pyro.param``
+        (as with ``pyro.infer.SVI``; they are trained and checkpointed as param-store entries).
     :param guide: the same for the guide (it may be an autoguide). Steps run in the modules'
         own modes (fresh modules are in train mode: dropout on; a submodule the caller put in
         eval mode stays there); validation runs in eval mode and gives each submodule its mode
@@ -169,8 +172,7 @@ def _train(model, guide, train_data, valid_data, collate_fn, run_dir, resume, ca
                     collate_fn, world_size)
     run_path = Path(run_dir) if run_dir is not None else None
     folder = _writable(run_path) if rank == 0 else None  # every process reads, rank 0 writes
-    model.to(device)
-    guide.to(device)
+    _to_device(device, model, guide)
     pyro.set_rng_seed(cfg.batching.seed)
     elbo = make_elbo(cfg.optim.elbo, **cfg.optim.elbo_kwargs)
     validator = _validator(valid_data, collate_fn, elbo, cfg, model, guide, device)
@@ -269,13 +271,16 @@ def _every(step: int, n: int | None) -> bool:
     return bool(n) and step % n == 0
 
 
+def _to_device(device, *objects) -> None:
+    for module in modules_among(*objects):
+        module.to(device)
+
+
 def _check_modules(model, guide) -> None:
-    for name, module in (("model", model), ("guide", guide)):
-        if not isinstance(module, nn.Module):
-            raise TypeError(
-                f"{name} must be an nn.Module or PyroModule so that train() can see its "
-                f"parameters, got {type(module).__name__}; wrap a function that calls "
-                "pyro.module(...) in an nn.Module holding those networks")
+    for name, fn in (("model", model), ("guide", guide)):
+        if not callable(fn):
+            raise TypeError(f"{name} must be a Pyro model/guide: an nn.Module / PyroModule or a "
+                            f"function, got {type(fn).__name__}")
 
 
 def _join_processes(batching: Batching) -> tuple[torch.device, int, int]:
