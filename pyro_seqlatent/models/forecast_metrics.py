@@ -37,8 +37,41 @@ from pyro_seqlatent.models.latent_ode import forecast, masked_mse, predict
 #: ``compute_loss_all_batches(..., n_traj_samples=3)``)
 REFERENCE_LATENT_SAMPLES = 3
 
-__all__ = ["REFERENCE_LATENT_SAMPLES", "observed_mse_sums", "persistence_mse", "predictive_mse",
-           "reference_first_point", "reference_record_mse", "reference_test_mse"]
+__all__ = ["REFERENCE_LATENT_SAMPLES", "crps", "observed_mse_sums", "persistence_mse",
+           "predictive_mse", "reference_first_point", "reference_record_mse",
+           "reference_test_mse"]
+
+
+def crps(samples: torch.Tensor, truth: torch.Tensor, mask: torch.Tensor | None = None,
+         reduce: bool = True):
+    r"""The continuous ranked probability score of predictive samples against the truth,
+    :math:`\mathrm{CRPS}(F, y) = \mathbb E|X - y| - \tfrac12 \mathbb E|X - X'|` with
+    :math:`X, X' \sim F` the empirical distribution of ``samples`` (Pyro's
+    ``pyro.ops.stats.crps_empirical``, the score of ``pyro.contrib.forecast.eval_crps``; lower
+    is better, 0 for a point mass on the truth, the absolute error for one sample).
+
+    :param samples: ``(S, *truth.shape)`` draws of the predictive (Latent ODE:
+        ``forecast(...)["samples"]``; sequence models:
+        :func:`~pyro_seqlatent.models.sequence_forecast.forecast`).
+    :param mask: optional, broadcastable to ``truth``: the entries to score.
+    :param reduce: ``True``: the mean over scored entries (a float); ``False``: the tensor of
+        per-entry scores (``truth.shape``; unmasked where ``mask`` is ``None``).
+    """
+    from pyro.ops.stats import crps_empirical
+
+    if not torch.is_tensor(samples) or not torch.is_tensor(truth) \
+            or samples.shape[1:] != truth.shape:
+        got = [tuple(t.shape) if torch.is_tensor(t) else type(t).__name__
+               for t in (samples, truth)]
+        raise ValueError(f"crps: samples must have shape (S, *truth.shape), got samples "
+                         f"{got[0]} and truth {got[1]}")
+    per_entry = crps_empirical(samples, truth.to(samples.dtype))
+    if not reduce:
+        return per_entry
+    if mask is None:
+        return float(per_entry.mean())
+    m = mask.to(per_entry.dtype).expand_as(per_entry)
+    return float((per_entry * m).sum() / m.sum().clamp_min(1.0))
 
 
 @torch.no_grad()

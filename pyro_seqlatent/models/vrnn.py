@@ -540,28 +540,23 @@ def build_vrnn(x_dim: int, *, guide: str = "meanfield", num_flows: int = 2,
     return VRNNModel(core, register_params), VRNNGuide(core, site, register_params, smoothing)
 
 
-@torch.no_grad()
 def forecast(model: VRNNModel, guide: VRNNGuide, prefix: torch.Tensor, horizon: int,
              num_samples: int = 1, mask: torch.Tensor | None = None) -> torch.Tensor:
     r"""Continuations of observed prefixes: :math:`z_{\le P} \sim q(\cdot \mid x_{\le P})`,
     then :math:`z_t \sim p(z_t\mid h_{t-1})`, :math:`x_t \sim p(x_t \mid z_t, h_{t-1})` for
     :math:`t = P+1..P+H`.
 
+    The VRNN's case of :func:`pyro_seqlatent.models.sequence_forecast.forecast`, which takes
+    any model/guide pair that follows the forecast protocol (``guide(x, mask)``,
+    ``model(x, mask, horizon=H)``); its ``forecast_bands`` (5–95 % bands), ``forecast_scores``
+    (CRPS of held-out continuations) and ``plot_forecast`` (figure) take the VRNN as well.
+
     :param prefix: ``(B, P, D)`` observed prefixes (all steps observed unless ``mask``).
     :returns: ``(num_samples, B, H, D)`` sampled continuations (in eval mode: no dropout).
     """
-    from pyro import poutine
+    from pyro_seqlatent.models.sequence_forecast import forecast as sequence_forecast
 
-    from pyro_seqlatent.infer.modes import eval_mode
-
-    if horizon < 1:
-        raise ValueError(f"horizon must be >= 1, got {horizon}")
-    with poutine.block(), pyro.plate("forecast_samples", num_samples, dim=-2), \
-            eval_mode(model, guide):
-        guide_trace = poutine.trace(guide).get_trace(prefix, mask)
-        full = poutine.replay(model, trace=guide_trace)(prefix, mask, horizon=horizon)
-    full = full.expand((num_samples,) + full.shape[-3:])
-    return full[..., prefix.shape[1]:, :]
+    return sequence_forecast(model, guide, prefix, horizon, num_samples, mask)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -648,6 +643,24 @@ def _generate(model, num_samples: int, options: dict) -> torch.Tensor:
     return model(length=options.get("generate_length", 50), num_sequences=num_samples)
 
 
+def _plot(model, guide, datasets, options, out_dir) -> list:
+    """The report's figure: forecasts of three test sequences (16 observed steps, 16 ahead;
+    the sum over features: notes per frame on JSB), mean and 5–95 % band."""
+    from pathlib import Path
+
+    from pyro_seqlatent.models.sequence_forecast import plot_forecast
+
+    test = datasets["test"]
+    sequences = [test[i] for i in range(min(len(test), 20))]
+    label = "notes sounding" if options["dataset"] == "jsb" else "sum over features"
+    try:
+        path = plot_forecast(model, guide, sequences, 16, 16, Path(out_dir) / "forecast.png",
+                             num_samples=100, ylabel=label)
+    except ValueError:  # no test sequence longer than 16 steps
+        return []
+    return [path]
+
+
 def _register() -> None:
     from pyro_seqlatent.data.sequences import pad_collate
     from pyro_seqlatent.registry import ModelSpec, register_model
@@ -665,6 +678,7 @@ def _register() -> None:
         elbo="DeviceTrace_ELBO",  # Trace_ELBO without per-site host reads
         batch_plate="data",
         generate=_generate,
+        plot=_plot,
         train_defaults={"lr": 1e-3, "batch_size": 20, "clip_norm": 10.0},
         option_help={
             **SEQUENCE_HELP,
