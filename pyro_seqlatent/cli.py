@@ -14,6 +14,7 @@ sample; :mod:`~pyro_seqlatent.experiments.launch`: ``--nproc``). Models register
     pyro-seqlatent sample runs/vae-iaf -n 64
     pyro-seqlatent demo --out runs/demo
     pyro-seqlatent train vrnn --nproc 4 --batch-size 64 --run-dir runs/vrnn-4   # 4 processes
+    pyro-seqlatent --import my_models train dmm --num-steps 100   # a model of your own module
 
 ``train MODEL --help`` shows the model's options and the dozen training settings people use;
 every other setting of :func:`pyro_seqlatent.infer.config.settings` is reachable through
@@ -21,6 +22,9 @@ every other setting of :func:`pyro_seqlatent.infer.config.settings` is reachable
 ``--help-all`` lists them all. ``--nproc N`` re-launches the same command under ``torchrun
 --standalone --nproc_per_node N`` (one machine); for several machines run ``torchrun ... -m
 pyro_seqlatent.cli train ...`` yourself (docs: "Training on many GPUs or machines").
+``--import MODULE_OR_PATH`` (repeatable, before the command; or ``$PYRO_SEQLATENT_IMPORT``)
+imports a module that registers its own models, a dotted name or a ``.py`` file
+(:func:`pyro_seqlatent.registry.import_user_modules`; docs/own-model.md).
 """
 
 from __future__ import annotations
@@ -34,7 +38,15 @@ from typing import Any
 
 from pyro_seqlatent.infer.config import LR_SCHEDULES, OPTIMIZERS, TrainConfig, settings
 from pyro_seqlatent.infer.elbos import ELBOS
-from pyro_seqlatent.registry import ModelSpec, get_model, list_commands, list_models
+from pyro_seqlatent.registry import (
+    IMPORT_ENV,
+    ModelSpec,
+    UserModuleError,
+    get_model,
+    import_user_modules,
+    list_commands,
+    list_models,
+)
 
 #: the training settings ``train MODEL --help`` shows, by help group; every other setting keeps
 #: an unlisted flag and is reachable through ``--option`` / ``--train-options``
@@ -391,6 +403,12 @@ def build_parser() -> argparse.ArgumentParser:
         description="Deep latent-variable models of sequences and densities on Pyro: train, "
         "evaluate and sample any registered model.",
     )
+    parser.add_argument("--import", dest="imports", action="append", default=[],
+                        metavar="MODULE_OR_PATH",
+                        help="before the command: import a module that registers models "
+                        "(register_model(ModelSpec(...))), a dotted name or a .py file; "
+                        f"repeatable; also read from ${IMPORT_ENV} (separated by "
+                        f"{os.pathsep!r})")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.add_parser("list", help="list the registered models")
     sub.add_parser("train", help="train a model: pyro-seqlatent train MODEL --help",
@@ -428,13 +446,31 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         return _main(argv)
-    except (DataNotFoundError, TrainingDiverged, CheckpointError) as err:
+    except (DataNotFoundError, TrainingDiverged, CheckpointError, UserModuleError) as err:
         print(f"pyro-seqlatent: error: {err}", file=sys.stderr)
         return 2
 
 
+def _leading_imports(argv: list[str]) -> tuple[list[str], list[str]]:
+    """``(modules, rest)``: the ``--import MODULE`` / ``--import=MODULE`` options before the
+    command, and the arguments after them."""
+    modules = []
+    while argv and (argv[0] == "--import" or argv[0].startswith("--import=")):
+        if argv[0] == "--import":
+            if len(argv) < 2 or argv[1].startswith("-"):
+                raise UserModuleError("--import needs a module name or a .py file path")
+            modules.append(argv[1])
+            argv = argv[2:]
+        else:
+            modules.append(argv[0].partition("=")[2])
+            argv = argv[1:]
+    return modules, argv
+
+
 def _main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    modules, argv = _leading_imports(argv)
+    import_user_modules(modules)
     if argv and argv[0] == "train":
         return _cmd_train(argv[1:])
     parser = build_parser()

@@ -15,7 +15,9 @@ on its data, without any model-specific code in the CLI or the trainer::
 Every key of ``defaults`` becomes a command-line flag (``--latent-dim 40``) typed from its default.
 Modules under :mod:`pyro_seqlatent.models` are imported by :func:`load_builtin_models`, so adding a
 model file is enough to register it; third-party packages can register through the entry-point
-group ``pyro_seqlatent.models``. Extra subcommands and demo sections (:func:`register_command`,
+group ``pyro_seqlatent.models``, and a user module that is no package is imported by
+``pyro-seqlatent --import my_models`` (or ``$PYRO_SEQLATENT_IMPORT``; :func:`import_user_modules`).
+Extra subcommands and demo sections (:func:`register_command`,
 :func:`register_demo_section`) come from the experiment drivers under
 :mod:`pyro_seqlatent.experiments`, imported by :func:`load_experiments` when they are listed.
 The registry imports both packages only inside those functions, never at import time, so the
@@ -26,7 +28,7 @@ from __future__ import annotations
 
 import importlib
 import pkgutil
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -138,6 +140,93 @@ def load_builtin_models() -> None:
             ep.load()
     except Exception:  # pragma: no cover - a broken third-party plugin must not break ours
         pass
+
+
+#: environment variable naming user modules to import (``os.pathsep``-separated), as ``--import``
+IMPORT_ENV = "PYRO_SEQLATENT_IMPORT"
+
+
+class UserModuleError(ImportError):
+    """A user module named by ``--import`` or :data:`IMPORT_ENV` could not be imported."""
+
+
+def import_user_modules(names: Sequence[str] = (), *, from_env: bool = True,
+                        export: bool = True) -> list:
+    """Import the user modules that register models (``register_model(ModelSpec(...))``), so
+    the ``pyro-seqlatent`` command sees a model that is not an installed package:
+    ``pyro-seqlatent --import my_models train dmm``.
+
+    :param names: each a dotted module name importable from ``sys.path`` (the current folder
+        included, as with ``python -m``) or the path of a ``.py`` file (imported under its
+        stem, e.g. ``my_models``).
+    :param from_env: also import the modules named in :data:`IMPORT_ENV`
+        (``os.pathsep``-separated), before ``names``.
+    :param export: add ``names`` to :data:`IMPORT_ENV` (files as absolute paths), so the
+        processes this one starts (``--nproc``'s torchrun workers) import them too.
+    :returns: the imported modules, each once.
+    :raises UserModuleError: naming the module that could not be found or that failed while
+        importing (with the error it raised).
+    """
+    import os
+
+    env = [n for n in os.environ.get(IMPORT_ENV, "").split(os.pathsep) if n.strip()]
+    wanted = [*(env if from_env else []), *names]
+    modules = []
+    for name in dict.fromkeys(n.strip() for n in wanted):
+        module = _import_user_module(name)
+        if module not in modules:
+            modules.append(module)
+    if export and names:
+        given = [str(os.path.abspath(n)) if _is_path(n) else n for n in names]
+        os.environ[IMPORT_ENV] = os.pathsep.join(dict.fromkeys([*env, *given]))
+    return modules
+
+
+def _is_path(name: str) -> bool:
+    import os
+
+    return name.endswith(".py") or os.sep in name or (os.altsep or os.sep) in name
+
+
+def _import_user_module(name: str):
+    import importlib.util
+    import os
+    import sys
+    from pathlib import Path
+
+    if not _is_path(name):
+        if "" not in sys.path and os.getcwd() not in sys.path:
+            sys.path.insert(0, os.getcwd())  # as `python -m` does; console scripts do not
+        try:
+            return importlib.import_module(name)
+        except ModuleNotFoundError as err:
+            if err.name is not None and name.startswith(err.name) \
+                    and (err.name == name or name.startswith(err.name + ".")):
+                raise UserModuleError(
+                    f"--import {name}: no module named {err.name!r} on sys.path (the current "
+                    f"folder included); give a dotted module name or the path of a .py "
+                    "file") from None
+            raise UserModuleError(f"--import {name}: importing it failed: {err!r}") from err
+        except Exception as err:  # the user's module raised while it ran
+            raise UserModuleError(f"--import {name}: importing it failed: {err!r}") from err
+    path = Path(name).expanduser().resolve()
+    if not path.is_file():
+        raise UserModuleError(f"--import {name}: no such file ({path})")
+    for module in list(sys.modules.values()):
+        if getattr(module, "__file__", None) and Path(module.__file__).resolve() == path:
+            return module  # imported already (by name or path)
+    module_name = path.stem if path.stem not in sys.modules else f"_user_{abs(hash(path))}"
+    spec = importlib.util.spec_from_file_location(module_name, path)
+    if spec is None or spec.loader is None:
+        raise UserModuleError(f"--import {name}: not a Python module (use a .py file)")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[module_name] = module
+    try:
+        spec.loader.exec_module(module)
+    except Exception as err:
+        del sys.modules[module_name]
+        raise UserModuleError(f"--import {name}: importing it failed: {err!r}") from err
+    return module
 
 
 def _import_submodules(pkg) -> None:
