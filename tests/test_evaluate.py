@@ -120,9 +120,11 @@ def test_global_latent_must_be_point_estimate():
             pyro.sample("mu", dist.Delta(torch.tensor(0.5)))
 
     x = torch.randn(3)
-    with pytest.raises(ValueError, match="outside the batch plate"):
-        log_marginal(Model(), NormalGuide(), x, num_samples=4)
+    # a distribution outside the plate: the evidence of the whole batch (tests/test_evidence.py)
+    joint = log_marginal(Model(), NormalGuide(), x, num_samples=4)
+    assert joint.kind == "whole_batch" and joint.log_marginal.shape == ()
     est = log_marginal(Model(), DeltaGuide(), x, num_samples=4)
+    assert est.kind == "per_point" and est.khat is None
     expected = dist.Normal(0.5, 1.0).log_prob(x)
     assert torch.allclose(est.log_marginal, expected, atol=1e-6)
     with pytest.raises(ValueError, match="no vectorized plate named 'batch'"):
