@@ -2,9 +2,10 @@
 
 What users need, on purpose: :func:`train` and its settings (:class:`TrainConfig`, its groups
 :class:`Optimization` ... :class:`Diagnostics` and :func:`settings`, each setting with its help
-text), :func:`evaluate` / :func:`log_marginal`, the ELBOs, and finished runs: :func:`load_run`,
-:func:`read_metrics`, and :func:`restore_modules` to load a checkpoint (``CHECKPOINT``: the last,
-``BEST``: the best validation) into a model and guide.
+text), :func:`evaluate` / :func:`log_marginal` (per point, or the evidence of the whole batch
+for global latents), :func:`posterior_check` (the guide against NUTS), the ELBOs, and finished
+runs: :func:`load_run`, :func:`read_metrics`, and :func:`restore_modules` to load a checkpoint
+(``CHECKPOINT``: the last, ``BEST``: the best validation) into a model and guide.
 """
 
 from pyro_seqlatent.infer.config import (
@@ -20,6 +21,7 @@ from pyro_seqlatent.infer.config import (
 from pyro_seqlatent.infer.elbos import ELBOS, DeviceTrace_ELBO, make_elbo
 from pyro_seqlatent.infer.evaluate import MarginalEstimate, evaluate, log_marginal
 from pyro_seqlatent.infer.modes import eval_mode
+from pyro_seqlatent.infer.posterior_check import PosteriorCheck, posterior_check
 from pyro_seqlatent.infer.run import Run, load_run, read_metrics
 from pyro_seqlatent.infer.train import (
     BEST,
@@ -44,6 +46,7 @@ __all__ = [
     "Length",
     "MarginalEstimate",
     "Optimization",
+    "PosteriorCheck",
     "Run",
     "ScaleLatents",
     "Schedule",
@@ -57,6 +60,7 @@ __all__ = [
     "log_marginal",
     "make_elbo",
     "mean_loss",
+    "posterior_check",
     "read_metrics",
     "restore_modules",
     "settings",

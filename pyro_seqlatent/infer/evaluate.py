@@ -222,9 +222,12 @@ def pareto_khat(log_weights: torch.Tensor) -> float:
     :func:`~pyro.ops.stats.fit_generalized_pareto`, on weights already drawn (the diagnostic
     itself draws its own). ``nan`` when the tail has fewer than 10 weights (:math:`K < 50`),
     ``-inf`` when every weight is the same."""
-    lw = log_weights.detach().double().flatten()
+    lw = log_weights.detach().flatten()
+    # equal up to the rounding of their dtype: bounded weights (the exact posterior)
+    tol = 64 * torch.finfo(lw.dtype).eps * max(1.0, float(lw.abs().max()))
+    lw = lw.double()
     lw = torch.sort(lw - lw.max())[0]
-    if float(lw[0]) > -1e-9:  # all equal: bounded weights (the exact posterior)
+    if float(lw[0]) > -tol:
         return float("-inf")
     cut = -int(math.ceil(min(0.2 * lw.numel(), 3.0 * math.sqrt(lw.numel())))) - 1
     if -cut > lw.numel():
