@@ -38,7 +38,8 @@ import torch
 from pyro_seqlatent.data.mnist import BinarizedMNIST
 from pyro_seqlatent.data.subsets import fixed_subset
 from pyro_seqlatent.experiments.systems import train_system
-from pyro_seqlatent.infer import evaluate, load_run
+from pyro_seqlatent.infer import evaluate, load_run, posterior_check
+from pyro_seqlatent.infer.posterior_check import energy_distance
 from pyro_seqlatent.infer.run import read_metrics
 from pyro_seqlatent.infer.train import BEST, restore_modules
 
@@ -306,14 +307,13 @@ def nuts_check(rows, args, out: Path) -> str:
     file is sorted by class, so its first images are all zeros). The posterior is drawn by NUTS
     (4 chains started from prior draws, 150 warm-up + 150 draws each) and, because the latent
     is 2-D, also computed exactly on a grid (:func:`grid_posterior`): the grid checks that NUTS
-    visited every mode (a single chain can sit in a minor mode of a multimodal posterior).
-    Reported per guide: the gap :math:`\log p(x) - \mathrm{ELBO}` (IS, K = 2000), the IS
+    visited every mode (a single chain can sit in a minor mode of a multimodal posterior). NUTS,
+    the guide's draws and the importance-sampled evidence come from
+    :func:`~pyro_seqlatent.infer.posterior_check.posterior_check`. Reported per guide: the gap
+    :math:`\log p(x) - \mathrm{ELBO}` (IS, K = 2000), the IS
     :math:`\log p(x)` against the grid's, and energy distances of the guide's draws to the
     NUTS and to the grid draws."""
     import matplotlib
-    import pyro.distributions as dist
-    from pyro.infer import MCMC, NUTS
-    from pyro.infer.autoguide.initialization import init_to_value
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -351,32 +351,22 @@ def nuts_check(rows, args, out: Path) -> str:
                                  "nuts_vs_grid", "grid_vs_grid", "lim")}
         for i in range(args.nuts_images):
             x = test[i][None]
-
-            def posterior(x=x, model=model):
-                z = pyro.sample("z", dist.Normal(torch.zeros(1, 2), 1.0).to_event(1))
-                pyro.sample("x", model.observation(z), obs=x)
-
             pyro.set_rng_seed(args.seed + i)
-            chains = []
-            for start in torch.randn(4, 1, 2):
-                mcmc = MCMC(NUTS(posterior, init_strategy=init_to_value(values={"z": start})),
-                            num_samples=150, warmup_steps=150, disable_progbar=True)
-                mcmc.run()
-                chains.append(mcmc.get_samples()["z"].reshape(-1, 2))
-            zp = torch.cat(chains)
-            with torch.no_grad():
-                zq = q.site(q.encoder(x)).sample((600,)).reshape(-1, 2)
-                est = evaluate(model, q, [x[0]], num_samples=2000, batch_size=1, seed=args.seed)
+            # 4 NUTS chains from prior draws, 150 warm-up + 150 draws each; 600 guide draws;
+            # log p(x) and the ELBO by importance sampling with K = 2000
+            check = posterior_check(model, q, x, num_chains=4, warmup_steps=150, num_draws=150,
+                                    guide_draws=600, num_particles=2000)
+            zp, zq = check.nuts_draws.float(), check.guide_draws.float()
             grid = grid_posterior(model, x, draws=1200, seed=args.seed + i)
             exact, exact2 = grid["samples"][:600], grid["samples"][600:]  # 2nd: noise level
-            stats["gap"].append(grid["log_px"] - float(est["elbo"]))
-            stats["is_gap"].append(float(est["log_marginal"] - est["elbo"]))
-            stats["is_vs_grid"].append(float(est["log_marginal"]) - grid["log_px"])
+            stats["gap"].append(grid["log_px"] - check.elbo)
+            stats["is_gap"].append(check.evidence_gap)
+            stats["is_vs_grid"].append(check.log_marginal - grid["log_px"])
             stats["lim"].append(grid["lim"])
-            stats["grid_vs_grid"].append(_energy_distance(exact, exact2))
-            stats["ed_nuts"].append(_energy_distance(zp, zq))
-            stats["ed_grid"].append(_energy_distance(exact, zq))
-            stats["nuts_vs_grid"].append(_energy_distance(zp, exact))
+            stats["grid_vs_grid"].append(energy_distance(exact, exact2))
+            stats["ed_nuts"].append(check.energy_distance)  # energy_distance(zp, zq)
+            stats["ed_grid"].append(energy_distance(exact, zq))
+            stats["nuts_vs_grid"].append(energy_distance(zp, exact))
             if i < shown:
                 ax = row_axes[i + 1]
                 n = grid["n"]
@@ -438,17 +428,6 @@ def nuts_check(rows, args, out: Path) -> str:
               "", "![NUTS vs guide](vae_nuts_scatter.png)"]
     (out / "vae_nuts.md").write_text("\n".join(lines) + "\n")
     return "\n".join(lines)
-
-
-def _energy_distance(a: torch.Tensor, b: torch.Tensor) -> float:
-    """Szekely's energy distance 2E|A-B| - E|A-A'| - E|B-B'| as an unbiased U-statistic (the
-    within-sample means leave out the zero diagonal), so two samples of one law give 0 in
-    expectation; it is 0 iff the laws agree."""
-
-    def within(x):
-        return torch.cdist(x, x).sum() / (len(x) * (len(x) - 1))
-
-    return float(2 * torch.cdist(a, b).mean() - within(a) - within(b))
 
 
 def main(argv=None) -> None:
