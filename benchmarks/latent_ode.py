@@ -82,6 +82,7 @@ from pyro_seqlatent.data.irregular import (
 from pyro_seqlatent.data.periodic import make_periodic
 from pyro_seqlatent.experiments.report import plot_learning_curve
 from pyro_seqlatent.experiments.systems import train_system
+from pyro_seqlatent.infer.checkpoint import load_checkpoint
 from pyro_seqlatent.infer.run import load_run
 from pyro_seqlatent.infer.train import (
     BEST,
@@ -346,7 +347,7 @@ def diverged_run(run_dir: Path):
     logged step, the times of the last good checkpoint."""
     run = load_run(run_dir, which="best")
     history = run.metrics
-    state = torch.load(run_dir / CHECKPOINT, map_location="cpu", weights_only=False)["state"]
+    state = load_checkpoint(run_dir / CHECKPOINT)["state"]
     result = TrainResult(history=history, step=history[-1]["step"],
                          final_loss=history[-1]["loss"], best_valid=state["best_valid"],
                          stopped="diverged", run_dir=run_dir,
@@ -435,8 +436,7 @@ def rescore(run_dirs: list[str], which: str = "best") -> list[dict]:
         test = run.datasets()["test"]
         scores = (reference_test_mse(run.model, run.guide, test) if protocol == "reference"
                   else {"test_mse": predictive_mse(run.model, run.guide, test)})
-        step = torch.load(run.checkpoint, map_location="cpu",
-                          weights_only=False)["state"]["step"]
+        step = load_checkpoint(run.checkpoint)["state"]["step"]
         out.append({"run": str(path), "checkpoint": which, "step": step,
                     "protocol": protocol, **scores})
     return out

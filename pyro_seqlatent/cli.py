@@ -369,12 +369,15 @@ def _cmd_evaluate(args) -> int:
 
 def _cmd_sample(args) -> int:
     from pyro_seqlatent.experiments.systems import sample_run
+    from pyro_seqlatent.infer.checkpoint import RunFileError
 
     try:
         path = sample_run(args.run_dir, args.num_samples, out=args.out, seed=args.seed,
                           device=args.device)
     except ValueError as err:
-        print(str(err), file=sys.stderr)
+        if isinstance(err, RunFileError):
+            raise
+        print(f"pyro-seqlatent: error: sample {args.run_dir}: {err}", file=sys.stderr)
         return 2
     print(f"wrote {path}")
     return 0
@@ -442,11 +445,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     from pyro_seqlatent.data.root import DataNotFoundError
     from pyro_seqlatent.infer import TrainingDiverged
-    from pyro_seqlatent.infer.checkpoint import CheckpointError
+    from pyro_seqlatent.infer.checkpoint import RunFileError
 
     try:
         return _main(argv)
-    except (DataNotFoundError, TrainingDiverged, CheckpointError, UserModuleError) as err:
+    except (DataNotFoundError, TrainingDiverged, RunFileError, UserModuleError) as err:
         print(f"pyro-seqlatent: error: {err}", file=sys.stderr)
         return 2
 

@@ -107,9 +107,12 @@ def test_a_corrupt_checkpoint_is_one_clear_error_naming_the_file(cli_run, tmp_pa
 
 
 def test_every_torch_load_of_the_package_is_weights_only():
-    """The one trusted exception is the explicit conversion of an old checkpoint."""
+    """In the package, the benchmarks and the examples; the one trusted exception is the
+    explicit conversion of an old checkpoint."""
     offenders = []
-    for file in PACKAGE.rglob("*.py"):
+    scripts = [*(PACKAGE.parent / "benchmarks").rglob("*.py"),
+               *(PACKAGE.parent / "examples").rglob("*.py")]
+    for file in [*PACKAGE.rglob("*.py"), *scripts]:
         for node in ast.walk(ast.parse(file.read_text())):
             if not (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
                     and node.func.attr == "load" and getattr(node.func.value, "id", "") == "torch"):
@@ -117,8 +120,8 @@ def test_every_torch_load_of_the_package_is_weights_only():
             safe = any(k.arg == "weights_only" and isinstance(k.value, ast.Constant)
                        and k.value.value is True for k in node.keywords)
             if not safe:
-                offenders.append(f"{file.relative_to(PACKAGE)}:{node.lineno}")
-    assert offenders == ["infer/checkpoint.py:" + str(_convert_line())], offenders
+                offenders.append(f"{file.relative_to(PACKAGE.parent)}:{node.lineno}")
+    assert offenders == ["pyro_seqlatent/infer/checkpoint.py:" + str(_convert_line())], offenders
 
 
 def _convert_line() -> int:
@@ -206,3 +209,56 @@ def test_a_run_that_blows_up_in_its_first_steps_is_stopped(tmp_path):
     with pytest.raises(TrainingDiverged, match=r"no checkpoint from before it was kept"):
         train(BlowsUp(at=3), AffineNormalGuide(), x, num_steps=10, batch_size=16,
               checkpoint_every=1, run_dir=tmp_path / "b", progress=False)
+
+
+@pytest.mark.parametrize("name", ["config.json", "train_config.json", "metrics.jsonl"])
+@pytest.mark.parametrize("damage", ["garbage", "half"])
+def test_a_corrupt_json_file_of_a_run_is_one_clear_error(cli_run, tmp_path, name, damage,
+                                                          capsys):
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(cli_run, run)
+    path = run / name
+    text = path.read_text()
+    broken = {"garbage": "\x00\x01 not json {", "half": text[: len(text) // 2]}[damage]
+    if name == "metrics.jsonl":  # a torn last line is tolerated; a bad first line is not
+        broken = "{not json\n" + text
+    path.write_text(broken)
+    capsys.readouterr()
+    for argv in (["evaluate", str(run), "--num-samples", "2"],
+                 ["train", "rnn_dt", "--n-series", "20", "--num-steps", "3", "--batch-size",
+                  "4", "--train-options", '{"valid_every": 1, "checkpoint_every": 1}',
+                  "--no-progress", "--run-dir", str(run), "--resume"]):
+        code = main(argv)
+        err = capsys.readouterr().err
+        if name == "train_config.json" and argv[0] == "train":
+            assert code == 0  # a resumed run writes its settings anew; nothing reads the old
+            continue
+        assert code == 2, (argv, err)
+        assert str(path) in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+def test_a_torn_last_metrics_line_is_left_out_with_a_warning(cli_run, tmp_path):
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(cli_run, run)
+    with open(run / "metrics.jsonl", "a") as handle:
+        handle.write('{"step": 3, "lo')  # what a killed write leaves
+    with pytest.warns(UserWarning, match="line 3 is incomplete"):
+        rows = load_run(run).metrics
+    assert [r["step"] for r in rows] == [1, 2]
+
+
+def test_the_flat_train_config_of_an_old_run_reads_as_the_grouped_one():
+    from pyro_seqlatent.infer.config import TrainConfig
+
+    folder = Path(__file__).parent / "fixtures" / "run_a3fd1e6"
+    flat = json.loads((folder / "train_config.json").read_text())
+    assert "schema" not in flat and "lr" in flat  # the layout before the groups
+    cfg = TrainConfig.from_json(flat)
+    assert cfg.optim.lr == 0.05 and cfg.optim.ema_decay == 0.8 and cfg.length.num_steps == 23
+    assert cfg.schedule.kl_anneal_steps == 10 and cfg.validation.valid_every == 4
+    assert TrainConfig.from_json(cfg.to_json()) == cfg
+    assert TrainConfig.flatten(cfg.to_json()) == {**cfg.flat(), "elbo": "Trace_ELBO"}

@@ -23,6 +23,7 @@ import torch
 
 from pyro_seqlatent.infer import evaluate, load_run, train
 from pyro_seqlatent.infer.run import RUN_CONFIG
+from pyro_seqlatent.infer.run_files import read_json, write_json
 from pyro_seqlatent.registry import get_model
 
 __all__ = ["default_run_dir", "evaluate_run", "run_summary", "sample_run", "train_system"]
@@ -40,7 +41,7 @@ def _check_resumed_options(run_dir: Path, name: str, options: dict) -> None:
     path = run_dir / RUN_CONFIG
     if not (path.exists() and (run_dir / CHECKPOINT).exists()):
         return  # nothing to continue: a fresh run
-    saved = json.loads(path.read_text())
+    saved = read_json(path)
     new = json.loads(json.dumps(options, default=str))
     old = saved.get("options", {})
     changed = sorted(k for k in old if k in new and old[k] != new[k])
@@ -81,8 +82,8 @@ def train_system(
     if resume:
         _check_resumed_options(run_dir, name, options)
     if int(os.environ.get("RANK", "0")) == 0:  # under torchrun only rank 0 writes
-        (run_dir / RUN_CONFIG).write_text(json.dumps(
-            {"model": name, "options": options, "data_root": data_root}, indent=2, default=str))
+        write_json({"model": name, "options": options, "data_root": data_root},
+                   run_dir / RUN_CONFIG)
     settings.setdefault("elbo", spec.elbo)
     result = train(model, guide, datasets["train"], valid_data=datasets.get("valid"),
                    collate_fn=spec.collate_fn, run_dir=run_dir, resume=resume, **settings)

@@ -50,7 +50,12 @@ def _constraint_classes() -> list[type]:
 SAFE_GLOBALS = _constraint_classes()
 
 
-class CheckpointError(ValueError):
+class RunFileError(ValueError):
+    """A file of a run folder that cannot be read; the message names the file and what to do
+    (the command line prints it as one line)."""
+
+
+class CheckpointError(RunFileError):
     """A checkpoint file that cannot be read; the message names the file and what to do."""
 
 

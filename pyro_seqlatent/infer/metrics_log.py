@@ -8,6 +8,8 @@ import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from pyro_seqlatent.infer.run_files import read_jsonl
+
 METRICS = "metrics.jsonl"
 
 
@@ -15,15 +17,7 @@ def read_metrics_upto(path: Path, upto_step: int) -> list[dict]:
     """The records of ``path`` up to ``upto_step`` (a resumed run drops the later ones)."""
     if not path.exists():
         return []
-    rows = []
-    with open(path) as handle:
-        for line in handle:
-            line = line.strip()
-            if line:
-                row = json.loads(line)
-                if row.get("step", 0) <= upto_step:
-                    rows.append(row)
-    return rows
+    return [row for row in read_jsonl(path) if row.get("step", 0) <= upto_step]
 
 
 def rewrite_metrics(path: Path, rows: list[dict]) -> None:

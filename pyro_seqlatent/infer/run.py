@@ -8,7 +8,6 @@ name and its options), ``train_config.json``, ``metrics.jsonl``, ``checkpoint.pt
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,6 +19,7 @@ from torch import nn
 from pyro_seqlatent.infer.checkpointing import BEST, CHECKPOINT, TRAIN_CONFIG, restore_modules
 from pyro_seqlatent.infer.config import TrainConfig
 from pyro_seqlatent.infer.metrics_log import METRICS
+from pyro_seqlatent.infer.run_files import read_json, read_jsonl
 
 RUN_CONFIG = "config.json"
 
@@ -52,8 +52,7 @@ def read_metrics(path: str | os.PathLike) -> list[dict]:
         path = path / METRICS
     if not path.exists():
         return []
-    with open(path) as handle:
-        return [json.loads(line) for line in handle if line.strip()]
+    return read_jsonl(path)
 
 
 def load_run(
@@ -85,7 +84,7 @@ def load_run(
         raise FileNotFoundError(f"no checkpoint in {path} (expected {BEST} or {CHECKPOINT})")
     config: dict = {}
     if (path / RUN_CONFIG).exists():
-        config = json.loads((path / RUN_CONFIG).read_text())
+        config = read_json(path / RUN_CONFIG)
     spec = None
     options = config.get("options", {})
     if model is None or guide is None:
@@ -105,6 +104,6 @@ def load_run(
     train_config = {}
     if (path / TRAIN_CONFIG).exists():
         # by flat setting name, whether the file is grouped (schema 2) or an older flat one
-        train_config = TrainConfig.flatten(json.loads((path / TRAIN_CONFIG).read_text()))
+        train_config = TrainConfig.flatten(read_json(path / TRAIN_CONFIG))
     return Run(path, model, guide, options, train_config, read_metrics(path), ckpt, spec,
                extra=config)

@@ -44,7 +44,6 @@ resume a budget-stopped run with a larger budget; an early-stopped run stays sto
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import time
 from collections.abc import Callable, Sequence
@@ -90,6 +89,7 @@ from pyro_seqlatent.infer.params import (
     registering,
     traced_param_names,
 )
+from pyro_seqlatent.infer.run_files import write_json
 from pyro_seqlatent.infer.schedules import ScaleLatents, apply_resumed_lr, kl_scale, make_scheduler
 from pyro_seqlatent.infer.step import SVIStep, elbo_loss
 from pyro_seqlatent.infer.validation import Validator, mean_loss
@@ -363,5 +363,4 @@ def _start(folder: Path | None, cfg: TrainConfig, rank: int, world_size: int, st
     remove_temporary_files(folder)  # left by a save that was killed mid-write
     if fresh:
         remove_stale(folder)
-    with open(folder / TRAIN_CONFIG, "w") as handle:
-        json.dump({**cfg.to_json(), "world_size": world_size}, handle, indent=2, default=str)
+    write_json({**cfg.to_json(), "world_size": world_size}, folder / TRAIN_CONFIG)
