@@ -100,8 +100,9 @@ def _train_defaults(spec: ModelSpec) -> dict[str, Any]:
 
 
 def _help(text: str, default: Any, choices: list | None = None) -> str:
-    one_of = f" {{{', '.join(map(str, choices))}}}" if choices and len(choices) <= 8 else ""
-    return f"{text}{one_of} (default: {default})".replace("%", "%%")
+    one_of = f" {{{', '.join(map(str, choices))}}}" if choices else ""
+    shown = "none" if default is None else default
+    return f"{text}{one_of} (default: {shown})".replace("%", "%%")
 
 
 def _add_flag(group, name: str, kind: Any, text: str, choices: list | None = None) -> None:
