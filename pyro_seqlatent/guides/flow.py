@@ -18,11 +18,12 @@ from collections.abc import Sequence
 
 import pyro.distributions as dist
 import torch
+from pyro.contrib.zuko import ZukoToPyro
 from torch.nn import functional as F
 
 from pyro_seqlatent.guides.site import MIN_SCALE, SiteGuide
 from pyro_seqlatent.nn import MLP
-from pyro_seqlatent.transforms import FLOW_KINDS, conditional_flow_stack
+from pyro_seqlatent.transforms.foreign import build_conditional_flow, flow_name, is_zuko_flow
 
 
 class FlowGuide(SiteGuide):
@@ -30,8 +31,12 @@ class FlowGuide(SiteGuide):
 
     :param int context_dim: size of the context ``c``.
     :param int latent_dim: size of ``z`` (≥ 2).
-    :param str flow: one of ``"planar"``, ``"radial"``, ``"iaf"``, ``"iaf_gated"``, ``"nice"``,
-        ``"real_nvp"``.
+    :param flow: one of ``"planar"``, ``"radial"``, ``"iaf"``, ``"iaf_gated"``, ``"nice"``,
+        ``"real_nvp"``, ``"spline"`` (Pyro's conditional neural spline flow), or a Pyro
+        ``ConditionalTransformModule``, a zuko flow built with ``context=context_dim``, or a
+        factory ``f(latent_dim, context_dim)`` (see :mod:`pyro_seqlatent.transforms.foreign`).
+        A zuko flow is the whole of ``q(z | c)`` (its own base distribution, through
+        :class:`pyro.contrib.zuko.ZukoToPyro`); the others follow the Gaussian base.
     :param int num_flows: ``K`` (couplings for NICE / RealNVP).
     :param hidden_dims: hidden layers of the network ``c -> (μ, σ)``.
     :param flow_hidden_dims: hidden layers of the flows' networks (default: none, i.e. linear
@@ -49,30 +54,41 @@ class FlowGuide(SiteGuide):
         flow_hidden_dims: Sequence[int] | None = None,
     ):
         super().__init__()
-        if flow not in FLOW_KINDS:
-            raise ValueError(f"flow must be one of {FLOW_KINDS}, got {flow!r}")
         self.context_dim = int(context_dim)
         self.latent_dim = int(latent_dim)
-        self.flow = flow
+        self.flow = flow_name(flow)
         self.num_flows = num_flows
-        self.base_net = MLP(self.context_dim, hidden_dims, 2 * self.latent_dim)
-        if flow_hidden_dims is None and flow in ("planar", "radial"):
+        if flow_hidden_dims is None and isinstance(flow, str) and flow in ("planar", "radial"):
             # Rezende & Mohamed amortize planar/radial parameters as a linear function of the
             # encoder's output; a deep hypernetwork per flow costs ~10x the step time at K = 10.
             flow_hidden_dims = ()
-        self.flows = conditional_flow_stack(
+        self.base_net = MLP(self.context_dim, hidden_dims, 2 * self.latent_dim)
+        self.flows = build_conditional_flow(
             flow, self.latent_dim, self.context_dim, num_flows, flow_hidden_dims
         )
+        self.is_zuko = is_zuko_flow(self.flows)
+        if self.is_zuko:  # zuko's flow brings its own base distribution
+            del self.base_net
 
     def base(self, context: torch.Tensor) -> dist.Distribution:
-        """The Gaussian ``N(μ(c), diag σ(c)²)`` before the flows."""
+        """The Gaussian ``N(μ(c), diag σ(c)²)`` before the flows (not for a zuko flow, whose
+        base is its own)."""
         self.check_context(context)
+        if self.is_zuko:
+            raise TypeError("this FlowGuide's flow is a zuko flow: it has its own base "
+                            "distribution; use guide(context) for q(z | c)")
         loc, raw = self.base_net(context).chunk(2, dim=-1)
         return dist.Normal(loc, F.softplus(raw) + MIN_SCALE).to_event(1)
 
     def transform(self, context: torch.Tensor):
-        """The composed flows ``f_K^c ∘ … ∘ f_1^c`` as one transform."""
+        """The composed flows ``f_K^c ∘ … ∘ f_1^c`` as one transform (not for a zuko flow)."""
+        if self.is_zuko:
+            raise TypeError("this FlowGuide's flow is a zuko flow: its transform is zuko's; "
+                            "use guide(context) for q(z | c)")
         return self.flows.condition(context)
 
-    def forward(self, context: torch.Tensor) -> dist.TransformedDistribution:
+    def forward(self, context: torch.Tensor) -> dist.Distribution:
+        if self.is_zuko:
+            self.check_context(context)
+            return ZukoToPyro(self.flows(context))
         return dist.TransformedDistribution(self.base(context), [self.transform(context)])

@@ -16,6 +16,7 @@ from collections.abc import Sequence
 
 import pyro
 import pyro.distributions as dist
+import pyro.poutine as poutine
 import torch
 from torch import nn
 from torch.nn import functional as F
@@ -42,9 +43,23 @@ class SiteGuide(nn.Module):
                 f"{type(self).__name__} was built with context_dim={self.context_dim}"
             )
 
-    def sample(self, name: str, context: torch.Tensor, **sample_kwargs) -> torch.Tensor:
-        """``pyro.sample(name, self(context))``: the guide site for latent ``name``."""
-        return pyro.sample(name, self(context), **sample_kwargs)
+    def sample(self, name: str, context: torch.Tensor, mask: torch.Tensor | bool | None = None,
+               **sample_kwargs) -> torch.Tensor:
+        """``pyro.sample(name, self(context))``: the guide site for latent ``name``.
+
+        :param mask: as :func:`pyro.poutine.mask` for this one site: ``None`` (no mask),
+            ``True`` / ``False``, or a boolean tensor broadcasting with the site's batch shape;
+            masked-out entries add nothing to ``log q`` (the value is drawn all the same).
+        """
+        if mask is None:
+            return pyro.sample(name, self(context), **sample_kwargs)
+        if not isinstance(mask, bool) and not (torch.is_tensor(mask)
+                                               and mask.dtype == torch.bool):
+            raise TypeError(f"mask must be None, a bool or a boolean tensor, got "
+                            f"{type(mask).__name__}"
+                            + (f" of dtype {mask.dtype}" if torch.is_tensor(mask) else ""))
+        with poutine.mask(mask=mask):
+            return pyro.sample(name, self(context), **sample_kwargs)
 
 
 class MeanFieldGuide(SiteGuide):

@@ -34,6 +34,7 @@ from typing import Any
 
 import pyro.distributions as dist
 import torch
+from pyro.contrib.zuko import ZukoToPyro
 from pyro.distributions.torch_distribution import ExpandedDistribution, MaskedDistribution
 from pyro.distributions.util import scale_and_mask, sum_rightmost
 from pyro.poutine.messenger import Messenger
@@ -68,7 +69,8 @@ def _inverse_and_ldj(transform, y: torch.Tensor) -> tuple[torch.Tensor, torch.Te
         raise ValueError(
             f"{type(transform).__name__} has no inverse, so log q(z) cannot be recomputed at a "
             "value it did not sample (needed by the score-function, STL and DReG estimators); "
-            "use an invertible flow such as those of pyro_seqlatent.transforms"
+            "pass the guide's flow= an invertible flow such as those of "
+            "pyro_seqlatent.transforms, 'spline' or a zuko flow"
         ) from err
     return x, fresh.log_abs_det_jacobian(x, y)
 
@@ -141,7 +143,9 @@ class ScoreFunctionSite(dist.TorchDistribution):
 
     def sample(self, sample_shape=torch.Size()) -> torch.Tensor:
         with torch.no_grad():
-            return self.fn.rsample(sample_shape).detach()
+            # a zuko flow (pyro.contrib.zuko.ZukoToPyro) draws through __call__, not rsample
+            draw = self.fn if isinstance(self.fn, ZukoToPyro) else self.fn.rsample
+            return draw(sample_shape).detach()
 
     def log_prob(self, value: torch.Tensor) -> torch.Tensor:
         return cache_free_log_prob(self.fn, value)

@@ -26,7 +26,8 @@ from torch.distributions import AffineTransform, SigmoidTransform
 from torch.utils.data import Dataset
 
 from pyro_seqlatent.registry import ModelSpec, register_model
-from pyro_seqlatent.transforms import FLOW_KINDS, flow_stack, standard_logistic
+from pyro_seqlatent.transforms import standard_logistic
+from pyro_seqlatent.transforms.foreign import FLOW_NAMES, build_flow, is_zuko_flow
 
 LOGIT_ALPHA = 0.05
 PRIORS = ("normal", "logistic")
@@ -35,7 +36,10 @@ PRIORS = ("normal", "logistic")
 class FlowDensity(nn.Module):
     """A normalizing-flow density on ``[0, 1)^D``; ``forward(x)`` is the Pyro model.
 
-    :param int dim: ``D``. :param str flow: ``"nice"`` or ``"real_nvp"`` (any flow kind works).
+    :param int dim: ``D``. :param flow: ``"nice"`` or ``"real_nvp"`` (any name of
+        ``FLOW_NAMES`` works, ``"spline"`` included), or a Pyro ``TransformModule`` on ``D``-vectors
+        or a factory ``f(D)`` returning one (:mod:`pyro_seqlatent.transforms.foreign`); a zuko
+        flow is refused here (it holds its own base, and this density needs its prior).
     :param int num_couplings: depth. :param hidden_dims: coupling MLP sizes.
     :param str prior: ``"normal"`` or ``"logistic"`` (NICE's prior).
     """
@@ -46,7 +50,10 @@ class FlowDensity(nn.Module):
         if prior not in PRIORS:
             raise ValueError(f"prior must be one of {PRIORS}, got {prior!r}")
         self.dim, self.prior = int(dim), prior
-        self.flow = flow_stack(flow, self.dim, num_couplings, hidden_dims)
+        self.flow = build_flow(flow, self.dim, num_couplings, hidden_dims)
+        if is_zuko_flow(self.flow):
+            raise TypeError("flow= is a zuko flow, which brings its own base distribution; "
+                            "FlowDensity needs a transform (a name or a Pyro TransformModule)")
         self.register_buffer("_zero", torch.zeros(()))
 
     def distribution(self) -> dist.TransformedDistribution:
@@ -161,5 +168,5 @@ register_model(ModelSpec(
         "prior": "base distribution: normal or logistic (NICE's)",
         "dataset": "digits (the 8x8 digits of scikit-learn, dequantized)",
     },
-    option_choices={"flow": list(FLOW_KINDS), "prior": list(PRIORS), "dataset": ["digits"]},
+    option_choices={"flow": list(FLOW_NAMES), "prior": list(PRIORS), "dataset": ["digits"]},
 ))
