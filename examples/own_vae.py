@@ -47,7 +47,10 @@ def main(argv=None):
     args = parser.parse_args(argv)
     pyro.set_rng_seed(args.seed)
     train_set = BinarizedMNIST("train", limit=500 if args.quick else None)
-    test = BinarizedMNIST("test").images[:64 if args.quick else 1000]
+    # a fixed random subset: the test set comes sorted by digit (its first 1000 are zeros)
+    images = BinarizedMNIST("test").images
+    picked = torch.randperm(len(images), generator=torch.Generator().manual_seed(0))
+    test = images[picked[:64 if args.quick else 1000].sort().values]
     model = VAE()
     encoder = MLP(784, (256,), 128)  # context of every image's q(z | x)
     guide = AutoAmortized(model, encoder, flow=None if args.flow == "none" else args.flow,
