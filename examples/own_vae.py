@@ -64,7 +64,7 @@ def main(argv=None):
     print(f"trained {result.step} steps; test ELBO {out['test_elbo']:.2f} nats, "
           f"log p(x) {out['test_log_px']:.2f} nats per image ({len(test)} test images)")
     if args.out:
-        figure(model, guide, test[:10], args.out)
+        figure(model, guide, test[torch.linspace(0, len(test) - 1, 10).long()], args.out)
         print(f"wrote {args.out}")
     return out
 
