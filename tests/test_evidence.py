@@ -224,3 +224,22 @@ def test_autoflow_evidence_within_a_tenth_of_a_nat():
     assert abs(float(est.log_marginal) - exact) < 0.1
     assert exact - float(est.elbo) > 0.0  # a trained guide, not the posterior itself
     assert est.khat < 0.7
+
+
+def test_a_model_that_does_not_broadcast_over_particles_is_refused_by_name():
+    """``w.unsqueeze(-2)`` works in training (w has shape (3,)) but makes a K x K cross product
+    of particles in log_marginal's particle plate: refused, not a wrong evidence."""
+    from pyro.infer.autoguide import AutoNormal
+
+    X, y = torch.randn(20, 3), torch.randn(20)
+
+    def model(X, y):
+        w = pyro.sample("w", dist.Normal(0.0, 1.0).expand([3]).to_event(1))
+        with pyro.plate("data", X.shape[0]):
+            pyro.sample("y", dist.Normal((X * w.unsqueeze(-2)).sum(-1), 1.0), obs=y)
+
+    pyro.clear_param_store()
+    guide = AutoNormal(model)
+    guide(X, y)
+    with pytest.raises(ValueError, match=r"model site 'y' .* does not broadcast"):
+        log_marginal(model, guide, (X, y), num_samples=10)

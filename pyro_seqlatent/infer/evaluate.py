@@ -290,6 +290,13 @@ def _reduce(site: dict, name: str, layout: _Layout, batch_plate: str,
     if not torch.is_tensor(lp):
         lp = torch.as_tensor(lp)
     nesting = layout.nesting
+    if lp.dim() > nesting + 1:
+        raise ValueError(
+            f"{role} site {name!r} has a log-density of shape {tuple(lp.shape)}, more dimensions "
+            f"than its plates ({nesting + 1}, the particle plate included): the {role} does not "
+            "broadcast over the extra leftmost (particle) dimension that log_marginal adds; take "
+            "sizes from the right (e.g. (X * w).sum(-1) or torch.einsum('...d,nd->...n', w, X), "
+            "not w.unsqueeze(0) or X @ w)")
     lp = lp.reshape((1,) * (nesting + 1 - lp.dim()) + tuple(lp.shape))
     if layout.joint:
         return lp.reshape(lp.shape[0], -1).sum(-1)
