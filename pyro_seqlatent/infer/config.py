@@ -123,6 +123,12 @@ class Diagnostics:
                                            "the highest of the last 50 by this many times "
                                            "their range (None: only non-finite losses stop a "
                                            "run)")
+    collapse_every: int | None = _opt(None, "posterior-collapse diagnostics (KL per latent "
+                                      "dimension and per step, active units; "
+                                      "infer.collapse) on the validation data at every this "
+                                      "many validations and the last, logged under "
+                                      "'collapse'; a warning when the latent is unused "
+                                      "(None: off)")
 
 
 #: group attribute of :class:`TrainConfig` -> its dataclass
@@ -232,7 +238,8 @@ def _validate_lengths(cfg: TrainConfig) -> None:
     if cfg.length.num_steps is None and cfg.length.num_epochs is None:
         raise ValueError("give num_steps or num_epochs (how long to train)")
     flat = cfg.flat()
-    for name in ("num_steps", "num_epochs", "batch_size", "valid_every", "checkpoint_every"):
+    for name in ("num_steps", "num_epochs", "batch_size", "valid_every", "checkpoint_every",
+                 "collapse_every"):
         value = flat[name]
         if value is not None and (not isinstance(value, int) or value < 1):
             raise ValueError(f"{name} must be a positive integer or None, got {value!r}")

@@ -73,6 +73,7 @@ from pyro_seqlatent.infer.checkpointing import (
     remove_stale,
     restore_modules,
 )
+from pyro_seqlatent.infer.collapse import CollapseWatch
 from pyro_seqlatent.infer.config import OPTIMIZERS, Batching, TrainConfig
 from pyro_seqlatent.infer.elbos import make_elbo
 from pyro_seqlatent.infer.epochs import Epochs, ResumableSampler
@@ -176,6 +177,7 @@ def _train(model, guide, train_data, valid_data, collate_fn, run_dir, resume, ca
     pyro.set_rng_seed(cfg.batching.seed)
     elbo = make_elbo(cfg.optim.elbo, **cfg.optim.elbo_kwargs)
     validator = _validator(valid_data, collate_fn, elbo, cfg, model, guide, device)
+    collapse = CollapseWatch(validator, cfg.diagnostics.collapse_every)  # infer.collapse
     total_steps = epochs.total_steps(cfg.length.num_steps, cfg.length.num_epochs)
 
     run_params = traced_param_names(model, guide, epochs.probe(device))  # builds lazy params
@@ -236,6 +238,7 @@ def _train(model, guide, train_data, valid_data, collate_fn, run_dir, resume, ca
             if validator is not None and validator.due(step, final):
                 with swapped(average):
                     record["valid_loss"] = valid = validator.score(model, guide)
+                    collapse.update(record, step, final, model, guide)
                 guard.check_validation(step, valid)
                 verdict = validator.judge(state, valid)
                 if verdict == "best":
