@@ -53,6 +53,14 @@ def _check_resumed_options(run_dir: Path, name: str, options: dict) -> None:
             "train in another folder")
 
 
+def _absolute_data(options: dict) -> dict:
+    """``options`` with the ``data`` file (docs/own-data.md) as an absolute path, so that
+    ``config.json`` finds it again from any folder (``evaluate``, ``load_run``)."""
+    if options.get("data"):
+        options = {**options, "data": str(Path(str(options["data"])).expanduser().resolve())}
+    return options
+
+
 def train_system(
     name: str,
     options: dict | None = None,
@@ -69,9 +77,14 @@ def train_system(
     Writes ``config.json`` (model name and options) beside the trainer's files so that
     :func:`~pyro_seqlatent.infer.load_run` can rebuild it. Returns ``(result, model, guide,
     datasets)``.
+
+    Your own data: the option ``data`` (``--data FILE`` on the command line) of the systems
+    that take one (``vae``, ``vrnn``, ``rnn``, ``latent_ode``, ``ode_rnn``, ``rnn_dt``) names a
+    ``.npz`` / ``.pt`` file (:mod:`pyro_seqlatent.data.user_files`, docs/own-data.md); it is
+    stored as an absolute path, and ``evaluate_run`` / ``load_run`` read the same file.
     """
     spec = get_model(name)
-    options = spec.options(**(options or {}))
+    options = spec.options(**_absolute_data(options or {}))
     run_dir = Path(run_dir or default_run_dir(name))
     run_dir.mkdir(parents=True, exist_ok=True)
     settings = {**spec.train_defaults, **train_kwargs}

@@ -360,6 +360,7 @@ def masked_mse(pred: torch.Tensor, values: torch.Tensor, mask: torch.Tensor):
 DATASETS = ("periodic", "physionet", "hopper")
 DATA_DIMS = {"periodic": 1, "physionet": 37, "hopper": 14}
 DATA_DEFAULTS = {
+    "data": "",  # a user file (docs/own-data.md); replaces dataset
     "dataset": "periodic",
     "task": "interp",
     "fraction": 0.5,
@@ -376,6 +377,9 @@ DATA_DEFAULTS = {
 EXTRAP_TRAIN = ("future", "all")
 #: help text of each data option (shared by latent_ode, ode_rnn and rnn_dt)
 DATA_HELP = {
+    "data": "your own irregular series: a .npz or .pt file of times, values (NaN: missing) "
+            "and an optional 0/1 mask (docs/own-data.md); replaces dataset ('': the "
+            "built-in one); split with data_seed, task and fraction apply",
     "dataset": "periodic (toy sinusoids), physionet (PhysioNet 2012 ICU records) or hopper "
                "(MuJoCo hopper trajectories)",
     "task": "interp: observe a fraction of the points and reconstruct all; extrap: observe the "
@@ -437,7 +441,20 @@ def system_datasets(options: dict, root=None) -> dict:
     return datasets
 
 
+def user_series(options: dict):
+    """The ``data`` file of ``options`` as irregular series, split with ``data_seed``
+    (docs/own-data.md; :func:`pyro_seqlatent.data.user_files.load_user_data`)."""
+    from pyro_seqlatent.data.user_files import load_user_data
+
+    return load_user_data(options["data"], "irregular", seed=options.get("data_seed", 0))
+
+
 def _system_datasets(options: dict, root=None) -> dict:
+    if options.get("data"):
+        from pyro_seqlatent.data.user_files import task_datasets
+
+        return task_datasets(user_series(options).splits, options["task"], options["fraction"],
+                             seed=options.get("data_seed", 0))
     name = options["dataset"]
     protocol = options.get("protocol", "ours")
     if protocol != "ours" and name not in ("hopper", "physionet"):
@@ -463,6 +480,8 @@ def _system_datasets(options: dict, root=None) -> dict:
 
 
 def data_dim(options: dict) -> int:
+    if options.get("data"):
+        return user_series(options).dim
     if options["dataset"] not in DATA_DIMS:
         raise ValueError(f"dataset={options['dataset']!r} is not one of {DATASETS}")
     if options["dataset"] == "physionet" and options.get("protocol", "ours") == "reference":

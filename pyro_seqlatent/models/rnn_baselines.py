@@ -125,12 +125,10 @@ def build_rnn(x_dim: int, **options) -> tuple[RNNModel, EmptyGuide]:
 
 
 def _build_from_options(options: dict):
-    from pyro_seqlatent.models.vrnn import DATA_DIMS, resolve_emission
+    from pyro_seqlatent.models.vrnn import resolve_emission, sequence_dim
 
-    if options["dataset"] not in DATA_DIMS:
-        raise ValueError(f"dataset must be one of {sorted(DATA_DIMS)}, got {options['dataset']!r}")
     return build_rnn(
-        DATA_DIMS[options["dataset"]], h_dim=options["h_dim"],
+        sequence_dim(options), h_dim=options["h_dim"],
         feature_dim=options["feature_dim"], hidden_dim=options["hidden_dim"],
         num_layers=options["num_layers"], rnn=options["rnn"],
         emission=resolve_emission(options), num_components=options["num_components"],
@@ -154,7 +152,8 @@ def _register() -> None:
         datasets=sequence_datasets,
         defaults={"dataset": "jsb", "emission": "auto", "h_dim": 128, "feature_dim": 128,
                   "hidden_dim": 128, "num_layers": 1, "rnn": "gru", "num_components": 20,
-                  "dropout": 0.0, "max_sequences": 0, "transpose": 0, "generate_length": 50},
+                  "dropout": 0.0, "max_sequences": 0, "transpose": 0, "generate_length": 50,
+                  "data": ""},
         collate_fn=pad_collate,
         elbo="Trace_ELBO",
         batch_plate="data",

@@ -236,16 +236,42 @@ class VAEGuide(nn.Module):
 def build(options: dict) -> tuple[VAE, VAEGuide]:
     hidden = tuple(int(h) for h in str(options["hidden_dims"]).split(",") if h)
     map_mode = options["weight_prior_scale"] > 0
-    num_train = min(options["train_limit"] or 50000, 50000)
-    model = VAE(784, options["latent_dim"], hidden, "bernoulli",
+    user = user_data(options)
+    dim = user.dim if user else 784
+    num_train = len(user.splits["train"]) if user else \
+        min(options["train_limit"] or 50000, 50000)
+    model = VAE(dim, options["latent_dim"], hidden, "bernoulli",
                 weight_prior_scale=options["weight_prior_scale"] if map_mode else None,
                 num_data=num_train if map_mode else None)
-    guide = VAEGuide(784, options["latent_dim"], hidden, options["guide"], options["num_flows"],
+    guide = VAEGuide(dim, options["latent_dim"], hidden, options["guide"], options["num_flows"],
                      model=model, map_decoder=map_mode)
     return model, guide
 
 
+def user_data(options: dict):
+    """The ``data`` file of ``options`` as binary vectors (docs/own-data.md;
+    :func:`pyro_seqlatent.data.user_files.load_user_data`), or ``None`` (binarized MNIST)."""
+    if not options.get("data"):
+        return None
+    from pyro_seqlatent.data.user_files import load_user_data
+
+    return load_user_data(options["data"], "vectors", binary=True)
+
+
+def _limited(splits: dict, options: dict) -> dict:
+    """``train_limit`` / ``valid_limit`` applied to the splits of a user file."""
+    from pyro_seqlatent.data.user_files import VectorDataset
+
+    for split, key in (("train", "train_limit"), ("valid", "valid_limit")):
+        if options[key]:
+            splits[split] = VectorDataset(*(t[:options[key]] for t in splits[split].tensors))
+    return splits
+
+
 def datasets(options: dict, root=None) -> dict:
+    user = user_data(options)
+    if user is not None:
+        return _limited(user.datasets(), options)
     from pyro_seqlatent.data.mnist import BinarizedMNIST
 
     limit = options["train_limit"] or None
@@ -255,7 +281,9 @@ def datasets(options: dict, root=None) -> dict:
 
 
 def generate(model: VAE, num_samples: int, options: dict) -> torch.Tensor:
-    return model.generate(num_samples).reshape(num_samples, 28, 28)
+    user = user_data(options)
+    shape = user.item_shape if user else (28, 28)
+    return model.generate(num_samples).reshape(num_samples, *shape)
 
 
 def _image_grid(images: torch.Tensor, rows: int) -> torch.Tensor:
@@ -324,6 +352,7 @@ register_model(ModelSpec(
         "weight_prior_scale": 0.0,
         "train_limit": 0,
         "valid_limit": 2000,
+        "data": "",
     },
     elbo="Trace_ELBO",
     generate=generate,
@@ -343,6 +372,8 @@ register_model(ModelSpec(
         "weight_prior_scale": "> 0: MAP mode with N(0, s^2) priors on decoder weights",
         "train_limit": "use only the first N training images (0: all 50,000)",
         "valid_limit": "use only the first N validation images (0: all 10,000)",
+        "data": "your own binary vectors or images: a .npz or .pt file with x (N, D) or (N, "
+                "H, W) in {0, 1} (docs/own-data.md); '': binarized MNIST",
     },
     option_choices={"guide": list(GUIDES)},
 ))

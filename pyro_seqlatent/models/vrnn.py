@@ -579,6 +579,8 @@ SEQUENCE_HELP = {
     "transpose": "jsb: add every transposition of each training chorale by up to this many "
                  "semitones each way (0: off)",
     "generate_length": "steps of the sequences that `pyro-seqlatent sample` draws",
+    "data": "your own sequences: a .npz or .pt file of seq_0, seq_1, ... or values + lengths "
+            "(docs/own-data.md); replaces dataset ('': the built-in one)",
 }
 #: the fixed sets of values of the options shared by ``vrnn`` and the ``rnn`` baselines
 SEQUENCE_CHOICES = {
@@ -588,7 +590,7 @@ SEQUENCE_CHOICES = {
 }
 #: how ``--help`` groups the options shared by ``vrnn`` and the ``rnn`` baselines
 SEQUENCE_GROUPS = {
-    "data": ["dataset", "max_sequences", "transpose"],
+    "data": ["data", "dataset", "max_sequences", "transpose"],
     "networks": ["emission", "h_dim", "feature_dim", "hidden_dim", "num_layers", "rnn",
                  "num_components", "dropout"],
     "sampling": ["generate_length"],
@@ -608,6 +610,14 @@ def sequence_datasets(options: dict, root=None) -> dict:
     if shift and options["dataset"] != "jsb":
         raise ValueError(f"transpose={shift!r} applies to piano rolls (dataset='jsb') only; "
                          f"use transpose=0 with dataset={options['dataset']!r}")
+    if options.get("data"):
+        if shift:
+            raise ValueError(f"transpose={shift!r} applies to the built-in piano rolls only; use "
+                             "transpose=0 with data=<your file>")
+        from pyro_seqlatent.data.sequences import SequenceDataset
+
+        splits = user_sequences(options).datasets()
+        return {k: SequenceDataset(d.sequences[:limit], d.name) for k, d in splits.items()}
     if options["dataset"] == "jsb":
         from pyro_seqlatent.data.jsb import load_jsb_splits, transpose_rolls
 
@@ -621,16 +631,37 @@ def sequence_datasets(options: dict, root=None) -> dict:
     raise ValueError(f"dataset must be one of {sorted(DATA_DIMS)}, got {options['dataset']!r}")
 
 
+def user_sequences(options: dict):
+    """The ``data`` file of ``options`` as sequences (docs/own-data.md;
+    :func:`pyro_seqlatent.data.user_files.load_user_data`)."""
+    from pyro_seqlatent.data.user_files import load_user_data
+
+    return load_user_data(options["data"], "sequences")
+
+
+def sequence_dim(options: dict) -> int:
+    """Features per step of the options' data: the ``data`` file's, else ``dataset``'s."""
+    if options.get("data"):
+        return user_sequences(options).dim
+    if options["dataset"] not in DATA_DIMS:
+        raise ValueError(f"dataset must be one of {sorted(DATA_DIMS)}, got {options['dataset']!r}")
+    return DATA_DIMS[options["dataset"]]
+
+
 def resolve_emission(options: dict) -> str:
+    """``emission``, or for ``auto`` the data's: bernoulli on jsb, gmm on fsdd; on a ``data``
+    file bernoulli when every value is 0 or 1, else gaussian."""
     emission = options.get("emission", "auto")
-    return DEFAULT_EMISSION[options["dataset"]] if emission == "auto" else emission
+    if emission != "auto":
+        return emission
+    if options.get("data"):
+        return "bernoulli" if user_sequences(options).binary else "gaussian"
+    return DEFAULT_EMISSION[options["dataset"]]
 
 
 def _build_from_options(options: dict):
-    if options["dataset"] not in DATA_DIMS:
-        raise ValueError(f"dataset must be one of {sorted(DATA_DIMS)}, got {options['dataset']!r}")
     return build_vrnn(
-        DATA_DIMS[options["dataset"]], guide=options["guide"], num_flows=options["num_flows"],
+        sequence_dim(options), guide=options["guide"], num_flows=options["num_flows"],
         z_dim=options["z_dim"], h_dim=options["h_dim"], feature_dim=options["feature_dim"],
         hidden_dim=options["hidden_dim"], num_layers=options["num_layers"], rnn=options["rnn"],
         emission=resolve_emission(options), num_components=options["num_components"],
@@ -652,7 +683,8 @@ def _plot(model, guide, datasets, options, out_dir) -> list:
 
     test = datasets["test"]
     sequences = [test[i] for i in range(min(len(test), 20))]
-    label = "notes sounding" if options["dataset"] == "jsb" else "sum over features"
+    jsb = options["dataset"] == "jsb" and not options.get("data")
+    label = "notes sounding" if jsb else "sum over features"
     try:
         path = plot_forecast(model, guide, sequences, 16, 16, Path(out_dir) / "forecast.png",
                              num_samples=100, ylabel=label)
@@ -673,7 +705,8 @@ def _register() -> None:
                   "z_dim": 32, "h_dim": 128, "feature_dim": 128, "hidden_dim": 128,
                   "num_layers": 1, "rnn": "gru", "num_components": 20, "prior": "learned",
                   "dropout": 0.0, "smoothing": False, "decoder_h": True, "max_sequences": 0,
-                  "transpose": 0, "generate_length": 50},
+                  "transpose": 0, "generate_length": 50,
+                  "data": ""},
         collate_fn=pad_collate,
         elbo="DeviceTrace_ELBO",  # Trace_ELBO without per-site host reads
         batch_plate="data",
