@@ -5,7 +5,8 @@ What users need, on purpose: :func:`train` and its settings (:class:`TrainConfig
 text), :func:`evaluate` / :func:`log_marginal` (per point, or the evidence of the whole batch
 for global latents), :func:`posterior_check` (the guide against NUTS), the ELBOs, and finished
 runs: :func:`load_run`, :func:`read_metrics`, and :func:`restore_modules` to load a checkpoint
-(``CHECKPOINT``: the last, ``BEST``: the best validation) into a model and guide.
+(``CHECKPOINT``: the last, ``BEST``: the best validation) into a model and guide, and
+:func:`score_sequences`: per-step and per-sequence −ELBO and NLL of sequence models.
 """
 
 from pyro_seqlatent.infer.config import (
@@ -23,6 +24,7 @@ from pyro_seqlatent.infer.evaluate import MarginalEstimate, evaluate, log_margin
 from pyro_seqlatent.infer.modes import eval_mode
 from pyro_seqlatent.infer.posterior_check import PosteriorCheck, posterior_check
 from pyro_seqlatent.infer.run import Run, load_run, read_metrics
+from pyro_seqlatent.infer.scoring import SequenceScores, score_sequences
 from pyro_seqlatent.infer.train import (
     BEST,
     CHECKPOINT,
@@ -50,6 +52,7 @@ __all__ = [
     "Run",
     "ScaleLatents",
     "Schedule",
+    "SequenceScores",
     "TrainConfig",
     "TrainResult",
     "TrainingDiverged",
@@ -63,6 +66,7 @@ __all__ = [
     "posterior_check",
     "read_metrics",
     "restore_modules",
+    "score_sequences",
     "settings",
     "train",
 ]

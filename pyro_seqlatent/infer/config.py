@@ -104,6 +104,9 @@ class Validation:
     early_stopping_patience: int | None = _opt(None, "stop after this many validations "
                                                "without improvement")
     early_stopping_min_delta: float = _opt(0.0, "improvement that resets the patience")
+    return_best: bool = _opt(False, "hand back the parameters of the best validation (what "
+                             "best.pt holds) instead of the last iterate; TrainResult.state "
+                             "says which")
 
 
 @dataclass

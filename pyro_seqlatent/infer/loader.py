@@ -37,7 +37,30 @@ from torch.utils.data import (
     Sampler,
     SequentialSampler,
     TensorDataset,
+    default_collate,
 )
+
+RAGGED_FIX = (
+    "pass collate_fn=pyro_seqlatent.data.sequences.pad_collate (regular sequences: a padded x "
+    "and its mask), pyro_seqlatent.data.irregular.union_grid_collate (irregular series) or a "
+    "collate of your own; a model with a collate_fn attribute (VRNNModel, RNNModel, "
+    "LatentODEModel) gives train() its own")
+
+
+def collate_or_explain(batch: Sequence[Any]) -> Any:
+    """``torch.utils.data.default_collate(batch)``; a batch of examples of different sizes
+    (ragged sequences), which it cannot stack, is a ``ValueError`` that says how to batch
+    them (:data:`RAGGED_FIX`) instead of torch's ``stack expects each tensor to be equal
+    size``."""
+    try:
+        return default_collate(batch)
+    except RuntimeError as error:
+        if "equal size" not in str(error) and "same size" not in str(error):
+            raise
+        shapes = sorted({tuple(x.shape) for x in batch if torch.is_tensor(x)})[:3]
+        seen = f" (shapes {', '.join(map(str, shapes))}, ...)" if shapes else ""
+        raise ValueError(f"the examples of a batch have different sizes{seen}, so the default "
+                         f"collate cannot stack them: {RAGGED_FIX}") from error
 
 
 def in_memory_tensors(dataset: Any) -> tuple[tuple[torch.Tensor, ...], bool] | None:
@@ -135,7 +158,8 @@ def make_loader(dataset: Dataset, batch_size: int, sampler: Sampler | None = Non
     ``DataLoader(dataset, batch_size=batch_size, sampler=sampler, shuffle=shuffle,
     collate_fn=collate_fn, num_workers=num_workers, drop_last=drop_last,
     generator=generator)``. Both yield the same batches in the same order and have the same
-    ``len()`` and ``generator`` attribute.
+    ``len()`` and ``generator`` attribute. Without a ``collate_fn``, a batch of examples of
+    different sizes is a ``ValueError`` naming the fix (:func:`collate_or_explain`).
 
     :param sampler: the order of the examples; ``None``: ``shuffle`` decides, as in
         ``DataLoader`` (a ``RandomSampler`` drawing from ``generator``, or sequential).
@@ -146,6 +170,8 @@ def make_loader(dataset: Dataset, batch_size: int, sampler: Sampler | None = Non
             and (sampler is None or not shuffle)):
         tensors = in_memory_tensors(dataset)
     if tensors is None:
+        if collate_fn is None and batch_size is not None:
+            collate_fn = collate_or_explain
         return DataLoader(dataset, batch_size=batch_size, sampler=sampler, shuffle=shuffle,
                           collate_fn=collate_fn, num_workers=num_workers, drop_last=drop_last,
                           generator=generator)

@@ -72,6 +72,7 @@ from pyro_seqlatent.infer.checkpointing import (
     recovery_changes,
     remove_stale,
     restore_modules,
+    restore_store_extras,
 )
 from pyro_seqlatent.infer.collapse import CollapseWatch
 from pyro_seqlatent.infer.config import OPTIMIZERS, Batching, TrainConfig
@@ -84,10 +85,13 @@ from pyro_seqlatent.infer.modes import mode_dependent_modules
 from pyro_seqlatent.infer.nfe import nfe_counters
 from pyro_seqlatent.infer.params import (
     collect_parameters,
+    extra_store_params,
     flow_caches,
+    load_state,
     modules_among,
     needs_param_sites,
     registering,
+    state_of,
     traced_param_names,
 )
 from pyro_seqlatent.infer.run_files import write_json
@@ -118,6 +122,11 @@ class TrainResult:
     wall_time_s: float
     #: the same on the clock of ``time_budget`` (equal to ``wall_time_s`` for "wall")
     budget_time_s: float
+    #: which parameters the modules hold: ``"last"`` (the last iterate, or its average with
+    #: ``ema_decay``) or ``"best"`` (the best validation's, with ``return_best=True``)
+    state: str = "last"
+    #: the step of the best validation (``None`` without validation)
+    best_step: int | None = None
 
 
 def train(
@@ -145,7 +154,12 @@ def train(
     :param train_data: a torch ``Dataset``; batches are fed as ``model(*batch)`` (tuple),
         ``model(**batch)`` (dict) or ``model(batch)``.
     :param valid_data: optional validation ``Dataset`` (every ``valid_every`` steps and at the
-        last step).
+        last step). With ``return_best=True`` the modules end with the parameters of the best
+        validation (``TrainResult.state == "best"``), otherwise with the last iterate.
+    :param collate_fn: how to batch examples; ``None``: the model's ``collate_fn`` attribute
+        where it has one (``pad_collate`` for the VRNN and RNN models, ``union_grid_collate``
+        for the Latent ODE family), else torch's default collate (examples of different sizes
+        are then a ``ValueError`` naming the fix).
     :param run_dir: folder for ``checkpoint.pt``, ``best.pt``, ``metrics.jsonl`` and
         ``train_config.json``; without it nothing is written.
     :param resume: continue from ``run_dir/checkpoint.pt`` if it exists.
@@ -157,6 +171,8 @@ def train(
     """
     cfg = TrainConfig(**{**(config.flat() if config is not None else {}), **settings})
     cfg.validate()
+    if collate_fn is None:  # the model's own (VRNNModel, LatentODEModel, ...), if it has one
+        collate_fn = getattr(model, "collate_fn", None)
     flag = cfg.diagnostics.pyro_validation
     checks = pyro.validation_enabled(flag) if flag is not None else contextlib.nullcontext()
     with checks:  # training steps, validation and the first trace alike
@@ -188,6 +204,7 @@ def _train(model, guide, train_data, valid_data, collate_fn, run_dir, resume, ca
                             factor=cfg.diagnostics.divergence_factor)
     checkpoints = RunCheckpoints(model, guide, optimizer, scheduler, average, run_params, cfg,
                                  folder, guard)
+    best_state = BestState(model, guide, run_params, average, cfg.validation.return_best)
     state, history = new_state(cfg.length.time_budget), []
     if resume:
         state, history = _resume(checkpoints, run_path, device, world_size, cfg, rank == 0)
@@ -243,6 +260,7 @@ def _train(model, guide, train_data, valid_data, collate_fn, run_dir, resume, ca
                 verdict = validator.judge(state, valid)
                 if verdict == "best":
                     budget.record(state)
+                    best_state.keep(step, state)
                     checkpoints.best(step, state)
                 elif verdict == "stop":
                     stopped = state["stopped"] = "early_stopping"
@@ -255,8 +273,7 @@ def _train(model, guide, train_data, valid_data, collate_fn, run_dir, resume, ca
             if is_last or _every(step, cfg.checkpointing.checkpoint_every):
                 budget.record(state)
                 checkpoints.periodic(step, state, last=is_last)
-        if average is not None:  # hand back the averaged weights, which validation scored
-            average.copy_to_params()
+        returned = best_state.hand_back(state, run_path)
     except TrainingDiverged:
         diverged = True
         raise
@@ -267,7 +284,48 @@ def _train(model, guide, train_data, valid_data, collate_fn, run_dir, resume, ca
     return TrainResult(history=log.history, step=state["step"], final_loss=state["last_loss"],
                        best_valid=state["best_valid"], stopped=stopped,
                        run_dir=folder if rank == 0 else run_path,
-                       wall_time_s=budget.wall_elapsed(), budget_time_s=budget.elapsed())
+                       wall_time_s=budget.wall_elapsed(), budget_time_s=budget.elapsed(),
+                       state=returned, best_step=state.get("best_step"))
+
+
+class BestState:
+    """The parameters a run hands back: the last iterate (its Polyak average with
+    ``ema_decay``), or with ``return_best`` those of the best validation, kept in memory at each
+    new best (a copy of the modules' and the param store's values, as ``best.pt`` holds them;
+    a resumed run whose best came before the resume reads ``run_dir/best.pt``)."""
+
+    def __init__(self, model, guide, run_params: set[str], average: ParameterAverage | None,
+                 enabled: bool):
+        self.model, self.guide, self.run_params = model, guide, run_params
+        self.average, self.enabled = average, enabled
+        self.values: dict | None = None
+
+    def keep(self, step: int, state: dict) -> None:
+        """A new best validation at ``step`` (the values validation scored)."""
+        state["best_step"] = step
+        if not self.enabled:
+            return
+        with swapped(self.average), torch.no_grad():
+            self.values = {
+                "model": {k: v.detach().clone() for k, v in state_of(self.model).items()},
+                "guide": {k: v.detach().clone() for k, v in state_of(self.guide).items()},
+                "param_store": {k: v.detach().clone() for k, v in extra_store_params(
+                    [self.model, self.guide], self.run_params).items()}}
+
+    def hand_back(self, state: dict, run_path: Path | None) -> str:
+        """Give the modules the parameters to return; ``"best"`` or ``"last"``."""
+        if self.enabled and self.values is not None:
+            load_state(self.model, self.values["model"])
+            load_state(self.guide, self.values["guide"])
+            restore_store_extras(self.values)
+            return "best"
+        if self.enabled and run_path is not None and state.get("best_step") is not None \
+                and (run_path / BEST).exists():  # the best came before this session resumed
+            restore_modules(run_path / BEST, self.model, self.guide)
+            return "best"
+        if self.average is not None:  # hand back the averaged weights, which validation scored
+            self.average.copy_to_params()
+        return "last"
 
 
 def _every(step: int, n: int | None) -> bool:
@@ -313,6 +371,9 @@ def _validator(valid_data, collate_fn, elbo, cfg: TrainConfig, model, guide, dev
             f"{type(elbo).__name__} compiles the train-mode behaviour of {moded[0]} into its "
             "trace, so validation could not switch it off (eval mode); train with the non-JIT "
             f"ELBO ({type(elbo).__name__[3:]}) or without dropout/batch norm")
+    if v.return_best and (valid_data is None or not v.valid_every):
+        raise ValueError("return_best=True hands back the best validation's parameters: give "
+                         "valid_data=... and valid_every=N (validate every N steps)")
     if valid_data is None:
         if v.valid_every or v.early_stopping_patience:
             raise ValueError("valid_every / early_stopping_patience need valid_data=...")

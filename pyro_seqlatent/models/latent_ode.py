@@ -52,7 +52,7 @@ import pyro.distributions as dist
 import torch
 from torch import nn
 
-from pyro_seqlatent.data.irregular import compact_observed
+from pyro_seqlatent.data.irregular import compact_observed, union_grid_collate
 from pyro_seqlatent.guides import FlowGuide, MeanFieldGuide, SiteGuide
 from pyro_seqlatent.nn import MLP
 from pyro_seqlatent.nn.init import apply_init
@@ -140,6 +140,39 @@ def check_batch(values, mask, times, obs_mask=None, t0: float | None = None):
     return obs_mask
 
 
+def _check_mask_values(name: str, m: torch.Tensor) -> None:
+    if m.dtype == torch.bool:
+        return
+    if m.is_floating_point() and not bool(torch.count_nonzero(m * (m - 1))):
+        return  # 0/1 floats: the usual case in one pass
+    if not bool(((m == 0) | (m == 1)).all()):
+        raise ValueError(f"{name} must hold 0 and 1 only (1: observed, 0: missing), got other "
+                         f"values; a fractional weight is no mask: use {name} = ({name} > 0)"
+                         ".float(), or obs_weighting='variable' to reweight observations")
+
+
+def checked_batch(values, mask, times, obs_mask=None, t0: float | None = None):
+    """``(values, obs_mask)`` of a batch after :func:`check_batch` (shared by every model and
+    guide of the family): masks must hold 0/1 (``ValueError`` for fractional entries); NaN or
+    inf in ``values`` is allowed where ``mask`` and ``obs_mask`` are both 0 (the usual way to
+    mark a missing value) and is then replaced by 0, and refused where either is 1. One sum
+    over ``values`` when it holds no NaN (``values`` itself is returned)."""
+    obs_mask = check_batch(values, mask, times, obs_mask, t0)
+    if not values.is_floating_point():
+        raise TypeError(f"values has dtype {values.dtype}; convert it with values.float()")
+    for name, m in (("mask", mask), ("obs_mask", obs_mask)):
+        _check_mask_values(name, m)
+    if bool(torch.isfinite(values.sum())):
+        return values, obs_mask
+    bad = ~torch.isfinite(values)
+    for name, m in (("mask", mask), ("obs_mask", obs_mask)):
+        if bool((bad & (m != 0)).any()):
+            raise ValueError(f"values has NaN or inf at entries where {name} is 1 (observed); "
+                             f"set {name} to 0 there (NaN marks a missing value only where the "
+                             "masks are 0)")
+    return values.masked_fill(bad, 0.0), obs_mask
+
+
 def prepend_t0(times, t0: float):
     """``(grid, added)``: ``times`` with ``t0`` prepended when it starts later than ``t0``
     (any row, for per-sequence times)."""
@@ -174,6 +207,9 @@ class LatentODEModel(nn.Module):
     :param method, rtol, atol, adjoint: torchdiffeq solver settings (dopri5, 1e-3, 1e-4).
     :param t0: time at which ``z0`` lives (times must be ``>= t0``).
     """
+
+    #: how to batch a dataset of items with their own times (``train`` uses it when given none)
+    collate_fn = staticmethod(union_grid_collate)
 
     def __init__(self, data_dim: int, latent_dim: int = 10,
                  ode_hidden_dims: Sequence[int] = (50, 50),
@@ -231,7 +267,7 @@ class LatentODEModel(nn.Module):
 
     def forward(self, values, mask, times, obs_mask=None):
         pyro.module("latent_ode_model", self)
-        obs_mask = check_batch(values, mask, times, obs_mask, self.t0)
+        values, obs_mask = checked_batch(values, mask, times, obs_mask, self.t0)
         b = values.shape[0]
         with pyro.plate("data", b, dim=-1):
             prior = dist.Normal(values.new_zeros(b, self.latent_dim),
@@ -280,7 +316,7 @@ class LatentODEGuide(nn.Module):
                           max_step_fraction=self.max_step_fraction)
 
     def posterior(self, values, mask, times, obs_mask=None) -> dist.Distribution:
-        obs_mask = check_batch(values, mask, times, obs_mask, self.t0)
+        values, obs_mask = checked_batch(values, mask, times, obs_mask, self.t0)
         return self.site(self.encode(values, times, obs_mask))
 
     def forward(self, values, mask, times, obs_mask=None):
@@ -350,8 +386,9 @@ def intensity(model: LatentODEModel, guide: LatentODEGuide, batch: dict, times,
 
 
 def masked_mse(pred: torch.Tensor, values: torch.Tensor, mask: torch.Tensor):
-    """``(sum of squared errors over masked entries, number of masked entries)``."""
-    err = ((pred - values) ** 2 * mask).sum()
+    """``(sum of squared errors over masked entries, number of masked entries)``; NaN in
+    ``values`` where ``mask`` is 0 (a missing value) counts nothing."""
+    err = torch.where(mask != 0, (pred - values) ** 2 * mask, 0.0).sum()
     return float(err), float(mask.sum())
 
 

@@ -28,19 +28,23 @@ import pyro.distributions as dist
 import torch
 from torch import nn
 
-from pyro_seqlatent.models.latent_ode import check_batch
+from pyro_seqlatent.data.irregular import union_grid_collate
+from pyro_seqlatent.models.latent_ode import checked_batch
 from pyro_seqlatent.nn import MLP
 from pyro_seqlatent.nn.ode import ODERNNCell, run_odernn
 
 
 class _Baseline(nn.Module):
     obs_std: float
+    #: how to batch a dataset of items with their own times (``train`` uses it when given none)
+    collate_fn = staticmethod(union_grid_collate)
 
     def predict(self, values, mask, times, obs_mask=None) -> torch.Tensor:
         raise NotImplementedError
 
     def forward(self, values, mask, times, obs_mask=None):
         pyro.module(self._pyro_name, self)
+        values, obs_mask = checked_batch(values, mask, times, obs_mask)  # NaN where unobserved
         pred = self.predict(values, mask, times, obs_mask)
         with pyro.plate("data", values.shape[0], dim=-1):
             pyro.sample("x", dist.Normal(pred, self.obs_std).mask(mask.bool()).to_event(2),
@@ -67,7 +71,7 @@ class ODERNN(_Baseline):
         return self.cell.func
 
     def predict(self, values, mask, times, obs_mask=None):
-        obs_mask = check_batch(values, mask, times, obs_mask)
+        values, obs_mask = checked_batch(values, mask, times, obs_mask)
         _, pre = run_odernn(self.cell, times, values, obs_mask, return_pre_update=True,
                             max_step_fraction=self.max_step_fraction)
         return self.decoder(pre)
@@ -87,7 +91,7 @@ class RNNDeltaT(_Baseline):
         self.obs_std = float(obs_std)
 
     def predict(self, values, mask, times, obs_mask=None):
-        obs_mask = check_batch(values, mask, times, obs_mask)
+        values, obs_mask = checked_batch(values, mask, times, obs_mask)
         b, n, _ = values.shape
         t = times if times.dim() == 2 else times.expand(b, n)
         h = values.new_zeros(b, self.hidden_dim)

@@ -19,8 +19,15 @@ import pyro
 import torch
 from torch import nn
 
-from pyro_seqlatent.data.sequences import check_padded_batch
-from pyro_seqlatent.models.vrnn import _stack, feature_net, make_dropout, make_emission
+from pyro_seqlatent.data.sequences import pad_collate
+from pyro_seqlatent.models.vrnn import (
+    BernoulliEmission,
+    _stack,
+    check_sequences,
+    feature_net,
+    make_dropout,
+    make_emission,
+)
 
 
 class RNNModel(nn.Module):
@@ -37,6 +44,9 @@ class RNNModel(nn.Module):
     :param float dropout: dropout probability on :math:`\\varphi^x(x_t)` and on the emission
         input (train mode only).
     """
+
+    #: how to batch a dataset of ``(T_i, D)`` sequences (``train`` uses it when given none)
+    collate_fn = staticmethod(pad_collate)
 
     def __init__(self, x_dim: int, h_dim: int = 64, feature_dim: int = 64, hidden_dim: int = 64,
                  num_layers: int = 1, rnn: str = "gru", emission: str = "bernoulli",
@@ -67,7 +77,8 @@ class RNNModel(nn.Module):
                 h = ref.new_zeros(int(num_sequences), self.h_dim)
                 state = h if self.rnn_kind == "gru" else (h, h)
                 return self._generate(state, 0, int(length), None)
-        mask = check_padded_batch(x, mask, self.x_dim, "RNNModel")
+        mask = check_sequences(x, mask, self.x_dim, "RNNModel",
+                               isinstance(self.emission, BernoulliEmission))
         if horizon < 0:
             raise ValueError(f"horizon must be >= 0, got {horizon}")
         x_clean = x.masked_fill(~mask.unsqueeze(-1), 0.0)
@@ -137,7 +148,6 @@ def _build_from_options(options: dict):
 
 
 def _register() -> None:
-    from pyro_seqlatent.data.sequences import pad_collate
     from pyro_seqlatent.models.vrnn import (
         SEQUENCE_CHOICES,
         SEQUENCE_GROUPS,

@@ -87,6 +87,66 @@ def _point_value(value: torch.Tensor, event_dim: int) -> torch.Tensor:
     return flat[0]
 
 
+def _shape_of(x) -> object:
+    return tuple(x.shape) if torch.is_tensor(x) else type(x).__name__
+
+
+def prepare_images(x: torch.Tensor, data_dim: int, likelihood: str | None = None,
+                   labels: tuple = ()) -> torch.Tensor:
+    r"""The batch the VAE and its guide score: ``x`` itself for a float ``(B, data_dim)``
+    batch (no copy), else ``x`` converted: images ``(B, H, W)`` or ``(B, C, H, W)`` with
+    :math:`CHW` = ``data_dim`` flattened to ``(B, data_dim)``, integer or bool dtypes (``uint8``
+    images, 0/1 integers) cast to torch's default float dtype with their values unchanged.
+    Then :func:`check_images`. ``labels``: further entries of the batch (a dataset of ``(image,
+    label)`` pairs); they must have the batch size and are otherwise ignored."""
+    if torch.jit.is_tracing():
+        return x
+    if torch.is_tensor(x) and x.dim() > 2 and x.shape[0] > 0 and \
+            math.prod(x.shape[1:]) == data_dim:
+        x = x.reshape(x.shape[0], data_dim)
+    if torch.is_tensor(x) and not (x.is_floating_point() or x.is_complex()):
+        x = x.to(torch.get_default_dtype())
+    check_images(x, data_dim, likelihood)
+    for i, y in enumerate(labels):
+        if torch.is_tensor(y) and y.dim() > 0 and y.shape[0] != x.shape[0]:
+            raise ValueError(
+                f"batch entry {i + 1} (labels?) has {y.shape[0]} rows but x has {x.shape[0]}; "
+                "the VAE ignores labels, but every entry of a batch must have the batch size")
+    return x
+
+
+def check_images(x: torch.Tensor, data_dim: int, likelihood: str | None = None) -> None:
+    """``ValueError`` naming ``x`` and the fix for a batch that is not a float ``(batch,
+    data_dim)`` tensor, holds NaN/inf or, for ``likelihood="bernoulli"``, values other than 0
+    and 1; shared by :class:`VAE` and :class:`VAEGuide`. One pass over a valid float batch;
+    nothing while ``torch.jit`` traces (``JitTrace_ELBO`` checks its first batch before tracing,
+    and a check in the trace would be frozen into a constant)."""
+    if torch.jit.is_tracing():
+        return
+    if not torch.is_tensor(x) or x.dim() != 2 or x.shape[-1] != data_dim:
+        side = math.isqrt(data_dim)
+        image = f" (images: {side}x{side} pixels)" if side * side == data_dim else ""
+        raise ValueError(
+            f"x must have shape (batch, {data_dim}) (flattened images{image}), got "
+            f"{_shape_of(x)}; flatten each image to {data_dim} values (x.reshape(len(x), -1)) "
+            f"or build the VAE and its guide with data_dim= the number of values per example")
+    if x.is_floating_point():  # the usual case in one pass; the messages come from below
+        if likelihood == "bernoulli":
+            # x (x - 1) is exactly 0 at 0 and 1 only (NaN and inf give NaN or inf)
+            if not bool(torch.count_nonzero(x * (x - 1))):
+                return
+        elif bool(torch.isfinite(x.sum())):  # only a NaN/inf (or an overflow) is not
+            return
+    if not torch.isfinite(x).all():
+        raise ValueError("x contains NaN or inf values; drop or impute those examples first "
+                         "(the VAE has no missing-value mask)")
+    if likelihood == "bernoulli" and not ((x == 0) | (x == 1)).all():
+        raise ValueError(
+            "x must be binary (0/1) for the Bernoulli decoder; binarize the data (e.g. "
+            "(x > 0.5).float(), or x / 255 > 0.5 for 8-bit images) or use likelihood='gaussian'"
+        )
+
+
 class VAE(nn.Module):
     """The generative model ``p(x, z)``; ``forward(x)`` with ``x`` of shape ``(B, data_dim)``.
 
@@ -122,30 +182,8 @@ class VAE(nn.Module):
 
     def check_data(self, x: torch.Tensor) -> None:
         """``ValueError`` for a batch of the wrong shape, with NaN/inf or, for the Bernoulli
-        decoder, values other than 0 and 1. One pass over a valid float batch; nothing while
-        ``torch.jit`` traces (``JitTrace_ELBO`` checks its first batch before tracing, and a
-        check in the trace would be frozen into a constant)."""
-        if torch.jit.is_tracing():
-            return
-        if not torch.is_tensor(x) or x.dim() != 2 or x.shape[-1] != self.data_dim:
-            shape = tuple(x.shape) if torch.is_tensor(x) else type(x).__name__
-            raise ValueError(
-                f"x must have shape (batch, {self.data_dim}) (flattened images), got {shape}"
-            )
-        if x.is_floating_point():  # the usual case in one pass; the messages come from below
-            if self.likelihood == "bernoulli":
-                # x (x - 1) is exactly 0 at 0 and 1 only (NaN and inf give NaN or inf)
-                if not bool(torch.count_nonzero(x * (x - 1))):
-                    return
-            elif bool(torch.isfinite(x.sum())):  # only a NaN/inf (or an overflow) is not
-                return
-        if not torch.isfinite(x).all():
-            raise ValueError("x contains NaN or inf values")
-        if self.likelihood == "bernoulli" and not ((x == 0) | (x == 1)).all():
-            raise ValueError(
-                "x must be binary (0/1) for the Bernoulli decoder; binarize the data or use "
-                "likelihood='gaussian'"
-            )
+        decoder, values other than 0 and 1 (see :func:`check_images`)."""
+        check_images(x, self.data_dim, self.likelihood)
 
     def observation(self, z: torch.Tensor, weights=None) -> dist.Distribution:
         out = self.decoder(z, weights)
@@ -164,8 +202,11 @@ class VAE(nn.Module):
             weights.append(_point_value(pyro.sample(name, prior), len(shape)))
         return weights
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        self.check_data(x)
+    def forward(self, x: torch.Tensor, *labels) -> torch.Tensor:
+        """Score a batch ``x`` ``(B, data_dim)`` (images ``(B, H, W)`` or ``(B, C, H, W)`` and
+        integer dtypes are converted by :func:`prepare_images`); extra batch entries such as
+        labels (a dataset of ``(image, label)`` pairs) are ignored: the VAE is unsupervised."""
+        x = prepare_images(x, self.data_dim, self.likelihood, labels)
         weights = self._weights()
         with _data_plate(x, self.num_data):
             loc = x.new_zeros(self.latent_dim)  # scale a tensor too: no constant in a JIT trace
@@ -213,6 +254,10 @@ class VAEGuide(nn.Module):
         else:
             self.site = FlowGuide(context, latent_dim, flow=guide, num_flows=num_flows)
         self.num_data = model.num_data if model is not None else None
+        self.data_dim = data_dim
+        #: the model's likelihood when built with ``model=`` (the guide then refuses non-binary
+        #: data for a Bernoulli model too); ``None``: shape, dtype and finite values only
+        self.likelihood = model.likelihood if model is not None else None
         self.map_names: list[str] = []
         if map_decoder:
             if model is None or model.weight_prior_scale is None:
@@ -223,7 +268,11 @@ class VAEGuide(nn.Module):
                 [p for m in model.decoder.linears for p in (m.weight, m.bias)])
             self.map_names = [name for name, _ in model.weight_sites()]
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, *labels) -> torch.Tensor:
+        """``z ~ q(z | x)`` for the batch ``x`` (converted and checked as the model does it, by
+        :func:`prepare_images`, so bad data gets the same message before the encoder runs);
+        labels are ignored."""
+        x = prepare_images(x, self.data_dim, self.likelihood, labels)
         for name, value in zip(self.map_names, getattr(self, "map_values", [])):
             pyro.sample(name, dist.Delta(value, event_dim=value.dim()))
         with _data_plate(x, self.num_data):

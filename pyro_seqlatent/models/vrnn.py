@@ -62,7 +62,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from pyro_seqlatent.data.sequences import check_padded_batch
+from pyro_seqlatent.data.sequences import check_padded_batch, pad_collate
 from pyro_seqlatent.guides import FlowGuide, MeanFieldGuide, SiteGuide, StepGroup
 from pyro_seqlatent.nn import MLP
 
@@ -135,6 +135,24 @@ def make_emission(kind: str, input_dim: int, x_dim: int, hidden_dims: Sequence[i
     if kind == "gmm":
         return GMMEmission(input_dim, x_dim, hidden_dims, num_components, min_scale)
     raise ValueError(f"emission must be one of {EMISSIONS}, got {kind!r}")
+
+
+def check_sequences(x: torch.Tensor, mask: torch.Tensor | None, x_dim: int, owner: str,
+                    binary: bool = False) -> torch.Tensor:
+    """Validate a padded batch as the VRNN family's models and guides all do, and return its
+    bool mask: :func:`~pyro_seqlatent.data.sequences.check_padded_batch` (shape, mask, NaN/inf
+    at unmasked steps), a floating dtype, and with ``binary`` (a Bernoulli emission) values 0
+    and 1 only at the unmasked steps. ``ValueError``/``TypeError`` naming ``x`` and the fix."""
+    if torch.is_tensor(x) and not x.is_floating_point():
+        raise TypeError(f"{owner}: x has dtype {x.dtype}; the model scores float tensors: "
+                        "convert the sequences with x.float() (or build a SequenceDataset, "
+                        "which does)")
+    mask = check_padded_batch(x, mask, x_dim, owner)
+    # x (x - 1) is 0 exactly at 0 and 1; padded steps may hold anything (NaN included)
+    if binary and bool(torch.count_nonzero(torch.where(mask.unsqueeze(-1), x * (x - 1), 0.0))):
+        raise ValueError(f"{owner}: x must be binary (0/1) at unmasked steps for the Bernoulli "
+                         "emission; binarize the data or use emission='gaussian' or 'gmm'")
+    return mask
 
 
 # ----------------------------------------------------------------------------------------------
@@ -341,6 +359,9 @@ class VRNNModel(nn.Module):
         ``pyro.infer.SVI``; :func:`pyro_seqlatent.infer.train` reads ``.parameters()``).
     """
 
+    #: how to batch a dataset of ``(T_i, D)`` sequences (``train`` uses it when given none)
+    collate_fn = staticmethod(pad_collate)
+
     def __init__(self, core: VRNNCore, register_params: bool = False):
         super().__init__()
         self.core = core
@@ -359,7 +380,8 @@ class VRNNModel(nn.Module):
             with pyro.plate("data", int(num_sequences), dim=-1):
                 state = core.rnn.initial_state((int(num_sequences),), ref)
                 return self._generate(state, 0, int(length), [])
-        mask = check_padded_batch(x, mask, core.x_dim, "VRNNModel")
+        mask = check_sequences(x, mask, core.x_dim, "VRNNModel",
+                               core.emission_kind == "bernoulli")
         if horizon < 0:
             raise ValueError(f"horizon must be >= 0, got {horizon}")
         with pyro.plate("data", x.shape[0], dim=-1):
@@ -478,7 +500,8 @@ class VRNNGuide(nn.Module):
             pyro.module("vrnn_guide", self.site_guide)
             if self.backward_rnn is not None:
                 pyro.module("vrnn_guide_backward", self.backward_rnn)
-        mask = check_padded_batch(x, mask, core.x_dim, "VRNNGuide")
+        mask = check_sequences(x, mask, core.x_dim, "VRNNGuide",
+                               core.emission_kind == "bernoulli")
         step_mask = _step_masks(mask)
         phi_x_all = core.features_x(_clean(x, mask, step_mask))  # all steps in one call
         phi_x = phi_x_all.unbind(-2)
