@@ -5,9 +5,11 @@ time of its process (``time_budget="process"``: run rows side by side, one per c
 ``OMP_NUM_THREADS=1``, and neither shortens the other's budget), keeps the best validation
 checkpoint, then reports on the test split:
 
-* JSB: the negative test ELBO per time step from one sample (as Pyro's DMM reports it: total
-  negative ELBO over the test set / number of unpadded frames) and the importance-sampled NLL
-  per time step, :math:`-\sum_n \log\hat p_K(x_n) / \sum_n T_n`, with ``--num-samples`` K.
+* JSB: the negative test ELBO per time step (as Pyro's DMM reports it: total negative ELBO
+  over the test set / number of unpadded frames) and the importance-sampled NLL per time step,
+  :math:`-\sum_n \log\hat p_K(x_n) / \sum_n T_n`, with ``--num-samples`` K, both from
+  :func:`pyro_seqlatent.infer.score_sequences` (the ELBO of a sequence is the mean of its K
+  log-weights; rows measured before it took one sample of Trace_ELBO, the same expectation).
 * FSDD: the importance-sampled test log-likelihood per sequence (mean over test recordings,
   normalised frames) and the ELBO per sequence.
 
@@ -46,11 +48,9 @@ import _results  # benchmarks/_results.py (this script's folder is on sys.path)
 import pyro
 import pyro.poutine as poutine
 import torch
-from pyro.infer import Trace_ELBO
-from torch.utils.data import DataLoader
 
 from pyro_seqlatent.data.sequences import pad_collate
-from pyro_seqlatent.infer import evaluate, train
+from pyro_seqlatent.infer import score_sequences, train
 from pyro_seqlatent.infer.train import BEST, restore_modules
 from pyro_seqlatent.registry import get_model
 
@@ -65,17 +65,6 @@ ROWS = {
 }
 ANCHORS = {"jsb": "Pyro DMM −ELBO/step 6.87 (2 IAFs 6.80), Krishnan et al. 6.93, ~20 h GPU",
            "fsdd": "paper ordering on speech: VRNN-GMM ≥ VRNN-Gauss > RNN-GMM > RNN-Gauss"}
-
-
-@torch.no_grad()
-def one_sample_test_elbo(model, guide, data, seed: int = 0, batch_size: int = 32) -> float:
-    """Total one-sample negative ELBO over ``data`` (fixed noise seed)."""
-    total = 0.0
-    with torch.random.fork_rng():
-        pyro.set_rng_seed(seed)
-        for batch in DataLoader(data, batch_size=batch_size, collate_fn=pad_collate):
-            total += Trace_ELBO(max_plate_nesting=1).loss(model, guide, **batch)
-    return total
 
 
 #: set by the benchmark itself (budget, validation, data) or by their own flags
@@ -133,23 +122,22 @@ def run_row(row: str, args, data_cache: dict) -> dict:
     model.eval()  # dropout off for every score and figure below
     guide.eval()
     test = data["test"]
-    steps = test.num_steps()
     t0 = time.perf_counter()
-    neg_elbo = one_sample_test_elbo(model, guide, test, seed=args.seed)
-    est = evaluate(model, guide, test, num_samples=args.num_samples, batch_size=8,
-                   collate_fn=pad_collate, seed=args.seed, chunk_size=args.chunk_size)
+    scores = score_sequences(model, guide, test, pad_collate, num_samples=args.num_samples,
+                             batch_size=8, seed=args.seed, chunk_size=args.chunk_size)
     eval_s = time.perf_counter() - t0
-    ll_total = float(est["log_marginal_per_point"].sum())
     out = {
         "row": row_id(row, args.tag), "label": label, "system": name, "options": options,
         "train_steps": result.step, "train_cpu_s": result.budget_time_s,
         "train_options": json.loads(args.train_options),
         "stopped": result.stopped, "best_valid_per_sequence": result.best_valid,
-        "test_sequences": len(test), "test_steps": steps, "num_samples": args.num_samples,
-        "neg_elbo_per_step": neg_elbo / steps, "nll_per_step": -ll_total / steps,
-        "neg_elbo_per_sequence": neg_elbo / len(test), "ll_per_sequence": ll_total / len(test),
-        "ll_per_sequence_sem": est["log_marginal_sem"], "eval_wall_s": eval_s,
-        "ll_sequences": [float(v) for v in est["log_marginal_per_point"]],
+        "test_sequences": len(test), "test_steps": int(scores.steps.sum()),
+        "num_samples": args.num_samples, "elbo_estimate": "mean of K log-weights",
+        "neg_elbo_per_step": scores.neg_elbo_per_step, "nll_per_step": scores.nll_per_step,
+        "neg_elbo_per_sequence": scores.neg_elbo_per_sequence,
+        "ll_per_sequence": -scores.nll_per_sequence,
+        "ll_per_sequence_sem": scores.nll_per_sequence_sem, "eval_wall_s": eval_s,
+        "ll_sequences": [float(-v) for v in scores.nll],
         # a recovered run (resumed with another lr / clip_norm) says so beside its command
         "resume_changes": _results.resume_changes(run_dir),
         "curve": [{k: r[k] for k in ("step", "time_s", "loss", "valid_loss") if k in r}
@@ -273,7 +261,7 @@ def resumed_note(row: dict) -> str:
 
 
 def markdown(rows: list[dict], args) -> str:
-    lines = ["| row | data | −ELBO/step (1 sample) | NLL/step (IS) | log-lik/sequence (IS) | "
+    lines = ["| row | data | −ELBO/step | NLL/step (IS) | log-lik/sequence (IS) | "
              "train steps / CPU s | command |", "|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(
@@ -282,7 +270,10 @@ def markdown(rows: list[dict], args) -> str:
             f"{r['ll_per_sequence_sem']:.1f} | {r['train_steps']} / "
             f"{r.get('train_cpu_s', r.get('train_wall_s')):.0f} s "
             f"| `{r['command']}`{resumed_note(r)} |")
-    lines += ["", "K = importance samples of the row (in its command); per-step figures divide "
+    lines += ["", "−ELBO: the mean of the K log-weights of each sequence "
+              "(pyro_seqlatent.infer.score_sequences); rows without "
+              "`elbo_estimate` in results.json took one Trace_ELBO sample (the same expectation).",
+              "K = importance samples of the row (in its command); per-step figures divide "
               "by the number of unpadded test frames; FSDD frames are normalised "
               "(global mean/std).",
               "Anchors: " + "; ".join(ANCHORS.values()),
