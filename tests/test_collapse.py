@@ -199,9 +199,15 @@ class _Points(torch.utils.data.Dataset):
 
 def test_train_logs_the_diagnostics_at_validation_and_warns_when_the_latent_is_unused(tmp_path):
     x = data(40)
+    from pyro_seqlatent.experiments.systems import run_summary
+
     with pytest.warns(UserWarning, match="posterior collapse"):
-        train(Model(), Guide("prior"), x, valid_data=x[:20], num_steps=4, valid_every=2,
-              collapse_every=1, batch_size=20, run_dir=tmp_path, progress=False)
+        collapsed = train(Model(), Guide("prior"), x, valid_data=x[:20], num_steps=4,
+                          valid_every=2, collapse_every=1, batch_size=20, run_dir=tmp_path,
+                          progress=False)
+    summary = run_summary(collapsed)
+    assert "posterior collapse" in summary["warning"]
+    assert summary["collapse"]["active_units"] == {"z": 0}
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     logged = [r for r in rows if "collapse" in r]
     assert [r["step"] for r in logged] == [2, 4]
@@ -212,5 +218,50 @@ def test_train_logs_the_diagnostics_at_validation_and_warns_when_the_latent_is_u
         result = train(Model(), Guide("normal"), x, valid_data=x[:20], num_steps=2,
                        valid_every=2, collapse_every=1, batch_size=20, progress=False)
     assert result.history[-1]["collapse"]["active_units"] == {"z": 2}
+    assert "warning" not in run_summary(result)
     with pytest.raises(ValueError, match="collapse_every"):
         train(Model(), Guide("normal"), x, num_steps=2, collapse_every=1, progress=False)
+
+
+class _Steps(nn.Module):
+    """50 steps z_t ~ N(0, 1) (model) and q(z_t) = N(shift, 1) (guide): KL per dimension and
+    step shift^2 / 2."""
+
+    def __init__(self, shift, guide):
+        super().__init__()
+        self.shift, self.guide = shift, guide
+
+    def forward(self, x):
+        with pyro.plate("data", x.shape[0]):
+            for t in range(50):
+                loc = torch.full((x.shape[0], 2), self.shift if self.guide else 0.0)
+                pyro.sample(f"z_{t}", dist.Normal(loc + 0.1 * x[:, :2] * self.guide, 1.0)
+                            .to_event(1))
+
+
+def test_a_sequence_latent_is_judged_per_step():
+    """Summed over 50 steps a tiny KL per step exceeds the threshold; per step it does not."""
+    x = data(30)
+    tiny = collapse_diagnostics(_Steps(0.0, False), _Steps(0.04, True), [x])
+    per_step = 0.5 * (0.04 + 0.1 * x[:, :2]) ** 2  # closed form, per data point and dim
+    assert torch.tensor(tiny.kl_per_dim["z"]).float() == pytest.approx(
+        50 * per_step.mean(0), rel=1e-4)
+    assert min(tiny.kl_per_dim["z"]) > 0.01 > max(tiny.kl_per_dim_and_step()["z"])
+    assert tiny.steps_per_point == {"z": 50.0}
+    assert tiny.collapsed()
+    used = collapse_diagnostics(_Steps(0.0, False), _Steps(0.5, True), [x])
+    assert not used.collapsed()
+
+
+def test_the_collapse_figure_draws_test_diagnostics_and_the_validation_history(tmp_path):
+    from pyro_seqlatent.experiments.report import plot_collapse
+
+    x = data(40)
+    train(Model(), Guide("normal"), x, valid_data=x[:20], num_steps=4, valid_every=2,
+          collapse_every=1, batch_size=20, run_dir=tmp_path, progress=False)
+    diag = collapse_diagnostics(Model(), Guide("normal"), [x])
+    assert plot_collapse(tmp_path, diag).stat().st_size > 0
+    assert plot_collapse(tmp_path, out=tmp_path / "from_history.png").exists()
+    empty = tmp_path / "no_latent"
+    empty.mkdir()
+    assert plot_collapse(empty) is None  # nothing logged, nothing given

@@ -105,13 +105,23 @@ def train_system(
 
 def run_summary(result) -> dict:
     """The one-line JSON summary ``pyro-seqlatent train`` prints of a
-    :class:`~pyro_seqlatent.infer.TrainResult`."""
+    :class:`~pyro_seqlatent.infer.TrainResult`; with ``collapse_every``, the last collapse
+    diagnostics (KL per data point, active units) and a ``warning`` when the latent is
+    unused (:mod:`pyro_seqlatent.infer.collapse`)."""
     from pyro_seqlatent.parallel import world
 
-    return {"run_dir": str(result.run_dir), "steps": result.step,
-            "final_loss": result.final_loss, "best_valid": result.best_valid,
-            "stopped": result.stopped, "wall_time_s": round(result.wall_time_s, 1),
-            "processes": world()[1]}
+    out = {"run_dir": str(result.run_dir), "steps": result.step,
+           "final_loss": result.final_loss, "best_valid": result.best_valid,
+           "stopped": result.stopped, "wall_time_s": round(result.wall_time_s, 1),
+           "processes": world()[1]}
+    last = next((r["collapse"] for r in reversed(result.history) if "collapse" in r), None)
+    if last is not None:
+        out["collapse"] = {k: last[k] for k in ("kl", "active_units", "num_units")}
+        if last["collapsed"]:
+            out["warning"] = ("posterior collapse: the latent is unused (KL per dimension and "
+                              "step below the threshold or no active unit; see collapse in "
+                              "metrics.jsonl)")
+    return out
 
 
 def evaluate_run(run_dir: str | Path, *, split: str = "test", num_samples: int = 1000,

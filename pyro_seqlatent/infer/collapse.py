@@ -35,7 +35,7 @@ not a point estimate) and data point :math:`x`:
 
 :func:`collapse_diagnostics` runs them over a data set, :class:`CollapseDiagnostics` holds the
 result, says whether the latent is unused (:meth:`~CollapseDiagnostics.collapsed`: no active
-unit, or every dimension's KL below ``kl_threshold`` nats per data point) and gives the record
+unit, or every dimension's KL below ``kl_threshold`` nats per observed step) and gives the record
 :func:`~pyro_seqlatent.infer.train` logs to ``metrics.jsonl`` (``collapse_every``).
 """
 
@@ -217,6 +217,8 @@ class CollapseDiagnostics:
     activity: dict[str, list[float]]
     #: group -> whether every KL of the group was in closed form
     analytic: dict[str, bool]
+    #: group -> mean number of observed steps per data point (1 for a site without steps)
+    steps_per_point: dict[str, float]
     num_points: int
     num_samples: int
     kl_threshold: float = KL_THRESHOLD
@@ -233,16 +235,32 @@ class CollapseDiagnostics:
     def num_units(self) -> dict[str, int]:
         return {g: len(acts) for g, acts in self.activity.items()}
 
+    def kl_per_dim_and_step(self) -> dict[str, list[float]]:
+        """group -> the KL of each latent dimension per observed step (``kl_per_dim`` over
+        ``steps_per_point``: per data point for a site without steps); a group without a
+        per-dimension figure gives its KL per step as one entry."""
+        out = {}
+        for g, dims in self.kl_per_dim.items():
+            steps = max(self.steps_per_point[g], 1e-12)
+            total = [self.kl_group(g)] if dims is None else dims
+            out[g] = [k / steps for k in total]
+        return out
+
+    def kl_group(self, group: str) -> float:
+        """The KL of ``group`` per data point (summed over its steps)."""
+        dims = self.kl_per_dim[group]
+        return sum(dims) if dims is not None else self.extra["kl_group"][group]
+
     def collapsed(self) -> bool:
         """The latent is unused: it has sites, and no unit is active or the KL of every latent
-        dimension (every group's KL where it has no per-dimension figure) is below
-        ``kl_threshold``."""
+        dimension per observed step (:meth:`kl_per_dim_and_step`; a group's KL per step where
+        it has no per-dimension figure) is below ``kl_threshold``. Per step, so that a long
+        sequence's many near-zero terms do not add up to a used latent."""
         if not self.activity:
             return False
         if sum(self.active_units.values()) == 0:
             return True
-        kls = [k for g, dims in self.kl_per_dim.items()
-               for k in (dims if dims is not None else [sum(self.kl_per_step[g])])]
+        kls = [k for dims in self.kl_per_dim_and_step().values() for k in dims]
         return max(kls) < self.kl_threshold
 
     def warning(self) -> str | None:
@@ -253,14 +271,17 @@ class CollapseDiagnostics:
         units = sum(self.num_units.values())
         return (f"posterior collapse: the latent is unused ({active} of {units} units active, "
                 f"Cov_x(E_q[z_u]) > {self.active_threshold}; KL {self.kl:.4g} nats per data "
-                f"point, every dimension below {self.kl_threshold}): the guide matches the "
-                "prior; try KL annealing (kl_anneal_steps), a smaller decoder or free bits")
+                f"point, every dimension below {self.kl_threshold} nats per step): the guide "
+                "matches the prior; try KL annealing (kl_anneal_steps), a smaller decoder or "
+                "free bits")
 
     def record(self) -> dict:
         """The JSON-ready record logged under ``"collapse"`` in ``metrics.jsonl``."""
         return {"kl": self.kl, "kl_per_dim": self.kl_per_dim, "kl_per_step": self.kl_per_step,
+                "kl_per_dim_step": self.kl_per_dim_and_step(),
                 "active_units": self.active_units, "num_units": self.num_units,
-                "analytic": self.analytic, "collapsed": self.collapsed(),
+                "analytic": self.analytic, "steps_per_point": self.steps_per_point,
+                "kl_threshold": self.kl_threshold, "collapsed": self.collapsed(),
                 "num_points": self.num_points}
 
 
@@ -307,7 +328,7 @@ def _summarise(sums: dict, num_points: int, num_samples: int, kl_threshold: floa
     for name, acc in sums.items():
         g, t = _group(name)
         groups.setdefault(g, []).append((t, acc))
-    kl_dim, kl_step, activity, analytic = {}, {}, {}, {}
+    kl_dim, kl_step, activity, analytic, per_point, kl_group = {}, {}, {}, {}, {}, {}
     n = max(num_points, 1)
     for g, steps in groups.items():
         steps.sort(key=lambda item: item[0])
@@ -320,11 +341,14 @@ def _summarise(sums: dict, num_points: int, num_samples: int, kl_threshold: floa
         acts = torch.stack([a.activity() for a in accs]).nan_to_num(float("-inf")).amax(0)
         activity[g] = acts.tolist()
         analytic[g] = all(a.analytic for a in accs)
+        per_point[g] = sum(a.observed for a in accs) / n
+        kl_group[g] = sum(a.kl for a in accs) / n
     kl = sum(a.kl for a in sums.values()) / n
     return CollapseDiagnostics(kl=kl, kl_per_dim=kl_dim, kl_per_step=kl_step,
-                               activity=activity, analytic=analytic, num_points=num_points,
-                               num_samples=num_samples, kl_threshold=kl_threshold,
-                               active_threshold=active_threshold)
+                               activity=activity, analytic=analytic, steps_per_point=per_point,
+                               num_points=num_points, num_samples=num_samples,
+                               kl_threshold=kl_threshold, active_threshold=active_threshold,
+                               extra={"kl_group": kl_group})
 
 
 @torch.no_grad()
