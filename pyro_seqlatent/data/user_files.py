@@ -242,12 +242,17 @@ def _check_keys(source: str, arrays: Mapping[str, Any], family: str, split: str 
     if unknown:
         expected = ", ".join(prefix + k for k in KEYS[family])
         raise _fail(source, f"unexpected key(s) {[prefix + k for k in unknown]} for "
-                    f"{family}; expected {expected}{_family_hint(arrays, family)} "
+                    f"{family}; expected {expected}{_other_family(set(arrays), family)} "
                     "(docs/own-data.md)")
 
 
 def _family_hint(arrays: Mapping[str, Any], family: str) -> str:
+    """What the keys of ``arrays`` are and, when they fit another family, its systems."""
     keys = set(arrays)
+    return f" (found {sorted(keys)})" + _other_family(keys, family)
+
+
+def _other_family(keys: set, family: str) -> str:
     if family != "vectors" and "x" in keys:
         return "; a file with x holds vectors: train the vae on it"
     if family != "irregular" and "times" in keys:
@@ -262,8 +267,8 @@ def _splits_of(source: str, arrays: Mapping[str, Any], family: str, parse: Calla
     """Each split's examples (a list, or a tuple of arrays for vectors) from ``parse``."""
     split = _split_keys(arrays, family)
     if split is None:
-        _check_keys(source, arrays, family)
         examples = parse(arrays, "")
+        _check_keys(source, arrays, family)
         n = _count(examples)
         try:
             sizes = split_sizes(n, fractions)
@@ -283,8 +288,8 @@ def _splits_of(source: str, arrays: Mapping[str, Any], family: str, parse: Calla
                     "every key train_*, valid_* or test_*")
     out = {}
     for s in SPLITS:
-        _check_keys(source, split[s], family, s)
         out[s] = parse(split[s], s + "_")
+        _check_keys(source, split[s], family, s)
     return out
 
 
@@ -517,7 +522,7 @@ def _item(source: str, key: str, times, values, mask) -> dict:
     mask = np.asarray(mask, dtype=bool)
     if not mask.any():
         raise _fail(source, f"{key}: this series has no observed value; drop it")
-    t = torch.as_tensor(np.ascontiguousarray(times), dtype=torch.get_default_dtype())
+    t = torch.tensor(np.asarray(times, dtype=np.float64), dtype=torch.get_default_dtype())
     try:
         validate_times(t, name=f"{key.replace('values', 'times')}", shared=True)
     except (TypeError, ValueError) as err:
