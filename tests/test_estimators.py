@@ -30,7 +30,8 @@ from pyro_seqlatent.infer.estimators import (
 from pyro_seqlatent.models.conjugate import AffineNormalGuide, NormalNormal
 from pyro_seqlatent.transforms import ConditionedCoupling, soft_clamp
 
-SINGLE = [n for n, s in ESTIMATORS.items() if not s.multi_sample]
+# estimators of the ELBO from one draw; the "discrete" ones equal Trace_ELBO on these models
+SINGLE = [n for n, s in ESTIMATORS.items() if not s.multi_sample and s.sites != "discrete"]
 # the multi-sample bounds at K = 1 are the ELBO itself
 SINGLE_AND_K1 = SINGLE + ["iwae", "dreg"]
 

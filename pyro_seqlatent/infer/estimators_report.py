@@ -21,23 +21,81 @@ def _fmt(value: float | None, digits: int = 3) -> str:
     return f"{value:.{digits}g}"
 
 
+_UNRANKED = ("zero gradient", "non-finite")
+
+
+def _ratio(summary: dict, ref_summary: dict | None, flagged: bool) -> float | None:
+    if ref_summary is None or flagged or not ref_summary["mean_variance"] > 0 \
+            or not math.isfinite(ref_summary["mean_variance"]):
+        return None
+    return summary["mean_variance"] / ref_summary["mean_variance"]
+
+
+def _stats_row(name: str, st: GradientStats, group: str, summary: dict, ref) -> str:
+    flag = st.groups[group].flag
+    ref_summary = (ref.groups[group].summary()
+                   if ref is not None and group in ref.groups
+                   and ref.groups[group].flag not in _UNRANKED else None)
+    ratio = _ratio(summary, ref_summary, flag in _UNRANKED)
+    if flag in _UNRANKED:
+        snrs = ["—", "—", "—"]
+    elif flag == "exact":
+        snrs = ["∞ (exact)"] * 3
+    else:
+        snrs = [_fmt(summary[k]) for k in ("median_snr", "mean_snr", "norm_snr")]
+    note = f"**{flag}**" if flag in _UNRANKED else (flag or "")
+    if st.extra.get("biased"):
+        note = ", ".join(x for x in (note, "biased") if x)
+    return (f"| {name} | {group} | {summary['size']} | {_fmt(summary['mean_variance'])} | "
+            f"{_fmt(ratio)} | {' | '.join(snrs)} | {_fmt(1e3 * st.seconds_per_draw)} | {note} |")
+
+
 def stats_table(stats: dict[str, GradientStats], reference: str | None = "reparam") -> str:
-    """Estimator × parameter group → mean variance, its ratio to ``reference``'s, SNRs."""
+    """Estimator × parameter group → mean variance, its ratio to ``reference``'s, SNRs, and a
+    flag: a group whose gradient is identically zero or not finite is marked **zero gradient** /
+    **non-finite** and gets no ratio or SNR (it is never ranked); a zero-variance, non-zero
+    gradient (``enum``) is marked *exact*."""
+    if reference not in stats:
+        reference = None
     lines = ["| estimator | group | params | mean variance | variance / " + (reference or "—")
-             + " | median SNR | mean SNR | ‖E g‖/√tr Var | ms per draw |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+             + " | median SNR | mean SNR | ‖E g‖/√tr Var | ms per draw | flag |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---|"]
     ref = stats.get(reference) if reference else None
     for name, st in stats.items():
         for group, summary in st.summary().items():
-            ratio = None
-            if ref is not None and group in ref.groups:
-                ref_var = ref.groups[group].summary()["mean_variance"]
-                ratio = summary["mean_variance"] / ref_var if ref_var > 0 else math.inf
-            lines.append(
-                f"| {name} | {group} | {summary['size']} | {_fmt(summary['mean_variance'])} | "
-                f"{_fmt(ratio)} | {_fmt(summary['median_snr'])} | {_fmt(summary['mean_snr'])} | "
-                f"{_fmt(summary['norm_snr'])} | {_fmt(1e3 * st.seconds_per_draw)} |"
-            )
+            lines.append(_stats_row(name, st, group, summary, ref))
+    return "\n".join(lines)
+
+
+def bias_table(stats: dict[str, GradientStats], reference: str = "enum") -> str | None:
+    """Every estimator of the ELBO against ``reference`` (exact enumeration at the discrete
+    sites): ``‖E g − E g_ref‖ / ‖E g_ref‖`` and the largest ``|E g_i − E g_ref,i|`` in combined
+    standard errors per group; ``None`` without the reference. An unbiased estimator stays
+    within a few standard errors; the Concrete relaxation does not."""
+    ref = stats.get(reference)
+    if ref is None:
+        return None
+    lines = ["| estimator | group | ‖E g − E g_enum‖ / ‖E g_enum‖ | max |Δ| / s.e. | note |",
+             "|---|---|---:|---:|---|"]
+    for name, st in stats.items():
+        if name == reference or st.extra.get("bound", "elbo") != "elbo":
+            continue
+        for group, g in st.groups.items():
+            r = ref.groups.get(group)
+            if r is None:
+                continue
+            delta = (g.mean - r.mean).double()
+            rel = float(delta.norm() / r.mean.double().norm()) if r.mean.norm() > 0 else None
+            se = (g.sem.double() ** 2 + r.sem.double() ** 2).sqrt().clamp_min(1e-12)
+            worst = float((delta.abs() / se).max())
+            lines.append(f"| {name} | {group} | {_fmt(rel)} | {_fmt(worst)} | "
+                         f"{'biased' if st.extra.get('biased') else ''} |")
+    return "\n".join(lines)
+
+
+def skipped_table(skipped: dict[str, str]) -> str:
+    lines = ["| estimator | why it was not run |", "|---|---|"]
+    lines += [f"| {name} | {reason} |" for name, reason in skipped.items()]
     return "\n".join(lines)
 
 
@@ -62,7 +120,46 @@ def curves_table(curves: dict[str, TrainingCurve], target: float | None) -> str:
     return "\n".join(lines)
 
 
+def _bar_values(stats: dict[str, GradientStats], group: str, key: str
+                ) -> tuple[list[float], list[str]]:
+    """Bar heights (NaN: no bar) and the label drawn instead for a flagged or empty value."""
+    values, labels = [], []
+    for name in stats:
+        g = stats[name].groups.get(group)
+        value = g.summary()[key] if g is not None else math.nan
+        flag = g.flag if g is not None else "—"
+        label = ""
+        if flag in _UNRANKED or g is None:
+            label, value = flag, math.nan
+        elif not (math.isfinite(value) and value > 0):
+            label = "∞ (exact)" if flag == "exact" and key != "mean_variance" else (
+                "0 (exact)" if value == 0 else "n/a")
+            value = math.nan
+        values.append(value)
+        labels.append(label)
+    return values, labels
+
+
+def _log_bars(ax, names: list[str], values: list[float], labels: list[str], color: str,
+              title: str) -> None:
+    """Log-scale bars whose limits come from the finite positive values only; a flagged value
+    gets no bar and a label at the bottom instead (so 0 and inf never stretch the axis)."""
+    finite = [v for v in values if math.isfinite(v) and v > 0]
+    lo, hi = (min(finite) / 5, max(finite) * 5) if finite else (0.1, 10.0)
+    ax.bar(names, [v if math.isfinite(v) else 0.0 for v in values], color=color)
+    ax.set_yscale("log")
+    ax.set_ylim(lo, hi)
+    for i, label in enumerate(labels):
+        if label:
+            ax.text(i, lo * 1.3, label, rotation=90, ha="center", va="bottom", fontsize=7,
+                    color="black", bbox={"facecolor": "#ffe9a8", "edgecolor": "none", "pad": 1})
+    ax.set_title(title, fontsize=9)
+    ax.tick_params(axis="x", rotation=60, labelsize=8)
+
+
 def plot_stats(stats: dict[str, GradientStats], path: Path) -> Path:
+    """Mean variance and median SNR per estimator and group on log axes; flagged values
+    (zero gradient, non-finite, exact) are labelled, not drawn."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -72,18 +169,11 @@ def plot_stats(stats: dict[str, GradientStats], path: Path) -> Path:
     names = list(stats)
     fig, axes = plt.subplots(2, len(groups), figsize=(4.2 * len(groups), 6.5), squeeze=False)
     for j, group in enumerate(groups):
-        var = [stats[n].groups[group].summary()["mean_variance"] if group in stats[n].groups
-               else math.nan for n in names]
-        snr = [stats[n].groups[group].summary()["median_snr"] if group in stats[n].groups
-               else math.nan for n in names]
-        axes[0, j].bar(names, [max(v, 1e-300) for v in var], color="tab:red")
-        axes[0, j].set_yscale("log")
-        axes[0, j].set_title(f"{group}: mean gradient variance")
-        axes[1, j].bar(names, snr, color="tab:blue")
-        axes[1, j].set_yscale("log")
-        axes[1, j].set_title(f"{group}: median SNR |E g| / std g")
-        for ax in axes[:, j]:
-            ax.tick_params(axis="x", rotation=60, labelsize=8)
+        for row, (key, color, title) in enumerate((
+                ("mean_variance", "tab:red", f"{group}: mean gradient variance"),
+                ("median_snr", "tab:blue", f"{group}: median SNR |E g| / std g"))):
+            values, labels = _bar_values(stats, group, key)
+            _log_bars(axes[row, j], names, values, labels, color, title)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -117,23 +207,47 @@ def plot_curves(curves: dict[str, TrainingCurve], path: Path, target: float | No
     return path
 
 
+def _notes_section(notes: dict[str, list[str]]) -> list[str]:
+    lines = [f"* `{name}`: " + "; ".join(items) for name, items in notes.items() if items]
+    return ["### Where an estimator is another one", "", *lines, ""] if lines else []
+
+
 def write_report(out_dir, title: str, stats: dict[str, GradientStats],
                  curves: dict[str, TrainingCurve] | None = None, target: float | None = None,
-                 notes: str = "") -> Path:
+                 notes: str = "", skipped: dict[str, str] | None = None,
+                 site_notes: dict[str, list[str]] | None = None) -> Path:
     """Write ``estimators.md``, ``gradient_stats.json``, ``variance_snr.png`` and (with curves)
-    ``elbo_curves.png`` under ``out_dir``; returns the Markdown path."""
+    ``elbo_curves.png`` under ``out_dir``; returns the Markdown path.
+
+    ``skipped`` (estimator → reason it did not apply or failed) and ``site_notes`` (estimator →
+    where it silently becomes another estimator) default to the ``skipped`` / ``notes``
+    attributes of ``stats`` and ``curves`` (as :func:`compare_estimators` returns them)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    skipped = dict(skipped if skipped is not None else {
+        **getattr(curves, "skipped", {}), **getattr(stats, "skipped", {})})
+    site_notes = dict(site_notes if site_notes is not None else getattr(stats, "notes", {}))
     parts = [f"# {title}", ""]
     if notes:
         parts += [notes, ""]
-    figure = plot_stats(stats, out / "variance_snr.png").name
-    parts += ["## Gradient variance and signal-to-noise ratio at fixed parameters", "",
-              stats_table(stats), "", f"![variance and SNR]({figure})", ""]
+    parts += ["## Gradient variance and signal-to-noise ratio at fixed parameters", ""]
+    if stats:
+        figure = plot_stats(stats, out / "variance_snr.png").name
+        parts += [stats_table(stats), "", f"![variance and SNR]({figure})", ""]
+    else:
+        parts += ["No estimator applied.", ""]
+    parts += _notes_section(site_notes)
+    bias = bias_table(stats)
+    if bias:
+        parts += ["### Against exact enumeration (`enum`)", "", bias, ""]
+    if skipped:
+        parts += ["### Not run", "", skipped_table(skipped), ""]
     record = {"stats": {name: {"summary": st.summary(), "loss_mean": st.loss_mean,
                                "loss_std": st.loss_std, "num_draws": st.num_draws,
-                               "seconds_per_draw": st.seconds_per_draw, **st.extra}
-                        for name, st in stats.items()}}
+                               "seconds_per_draw": st.seconds_per_draw,
+                               "flags": {g: v.flag for g, v in st.groups.items()}, **st.extra}
+                        for name, st in stats.items()},
+              "skipped": skipped, "notes": site_notes}
     if curves:
         target = default_target(curves) if target is None else target
         figure = plot_curves(curves, out / "elbo_curves.png", target).name

@@ -59,6 +59,17 @@ class GroupStats:
         out = self.mean.abs() / std
         return torch.where((std == 0) & (self.mean == 0), torch.full_like(out, math.nan), out)
 
+    @property
+    def flag(self) -> str | None:
+        """``"non-finite"`` (a NaN or inf in the mean or variance), ``"zero gradient"``
+        (identically zero: never ranked), ``"exact"`` (zero variance, non-zero mean: an exact
+        gradient such as enumeration's) or ``None``."""
+        if not (torch.isfinite(self.mean).all() and torch.isfinite(self.var).all()):
+            return "non-finite"
+        if (self.var == 0).all():
+            return "zero gradient" if (self.mean == 0).all() else "exact"
+        return None
+
     def summary(self) -> dict[str, float]:
         snr = self.snr
         snr = snr[~snr.isnan()]
