@@ -15,6 +15,7 @@ sample; :mod:`~pyro_seqlatent.experiments.launch`: ``--nproc``). Models register
     pyro-seqlatent demo --out runs/demo
     pyro-seqlatent train vrnn --nproc 4 --batch-size 64 --run-dir runs/vrnn-4   # 4 processes
     pyro-seqlatent --import my_models train dmm --num-steps 100   # a model of your own module
+    pyro-seqlatent train vae --data images.npz --num-steps 1000   # your own data (own-data.md)
 
 ``train MODEL --help`` shows the model's options and the dozen training settings people use;
 every other setting of :func:`pyro_seqlatent.infer.config.settings` is reachable through
@@ -322,6 +323,17 @@ def _train_usage(argv: list[str]) -> int:
     return 0 if argv and argv[0] in ("-h", "--help") else 2
 
 
+def _refuse_data_flag(parser, spec: ModelSpec, argv: list[str]) -> None:
+    """``--data FILE`` (docs/own-data.md) for a system without the ``data`` option: a usage
+    error naming the systems that take one (argparse would read it as an abbreviation)."""
+    if "data" in spec.defaults or not any(a == "--data" or a.startswith("--data=")
+                                          for a in argv):
+        return
+    takers = [name for name in list_models() if "data" in get_model(name).defaults]
+    parser.error(f"--data: {spec.name!r} does not train on your own files; the systems that "
+                 f"do: {', '.join(takers)} (docs/own-data.md)")
+
+
 def _cmd_train(argv: list[str]) -> int:
     from pyro_seqlatent.experiments.launch import relaunch
     from pyro_seqlatent.experiments.systems import default_run_dir, run_summary, train_system
@@ -331,6 +343,7 @@ def _cmd_train(argv: list[str]) -> int:
         return _train_usage(argv)
     spec = get_model(argv[0])
     parser = _train_parser(spec)
+    _refuse_data_flag(parser, spec, argv[1:])
     args = vars(parser.parse_args(argv[1:]))
     nproc = args.pop("nproc")
     if nproc < 1:

@@ -221,6 +221,15 @@ def test_a_bad_file_is_one_line_on_the_command_line(tmp_path, capsys):
     assert "data=" in err and "'x'" in err and "(x > 127).astype(np.uint8)" in err
 
 
+def test_data_on_a_system_that_reads_no_file_is_a_usage_error(tmp_path, capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["train", "flow_density", "--data", str(tmp_path / "x.npz")])
+    err = capsys.readouterr().err
+    assert info.value.code == 2
+    assert "'flow_density' does not train on your own files" in err
+    assert "vae" in err and "latent_ode" in err and "own-data.md" in err
+
+
 def test_training_from_arrays_in_python():
     from pyro_seqlatent.infer import train
     from pyro_seqlatent.models.latent_ode import LatentODEGuide, LatentODEModel
