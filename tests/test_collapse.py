@@ -265,3 +265,33 @@ def test_the_collapse_figure_draws_test_diagnostics_and_the_validation_history(t
     empty = tmp_path / "no_latent"
     empty.mkdir()
     assert plot_collapse(empty) is None  # nothing logged, nothing given
+
+
+def test_the_demo_report_gives_sequence_models_per_step_figures_in_the_anchors_unit():
+    from pyro_seqlatent.experiments.report import _per_step_lines, per_step_figures
+    from pyro_seqlatent.registry import get_model
+
+    seqs = [torch.ones(3, 88), torch.ones(5, 88)]  # 8 scored steps in all
+    metrics = {"num_points": 2, "elbo": -40.0, "log_marginal": -36.0}  # per sequence
+    row = per_step_figures(seqs, get_model("vrnn"), metrics, {"dataset": "jsb"})
+    assert row["test_steps"] == 8
+    assert row["test_neg_elbo_per_step"] == pytest.approx(80.0 / 8)
+    assert row["test_nll_per_step"] == pytest.approx(72.0 / 8)
+    assert "6.87" in row["per_step_anchor"]
+    assert per_step_figures(seqs, get_model("vae"), metrics, {}) == {}  # not a sequence model
+    line = _per_step_lines([{"model": "vrnn", "test_points": 2, **row}])[-1]
+    assert line.startswith("| vrnn | 2 | 8 | 10 | 9 |")
+
+
+def test_the_vrnn_benchmark_figure2_draws_the_per_step_kl_of_an_iaf_guide(tmp_path):
+    """It raised NotImplementedError (no KL(q||p) for a flow) before it used infer.collapse."""
+    from types import SimpleNamespace
+
+    from conftest import load_benchmark
+
+    bench = load_benchmark("vrnn")
+    model, guide = build_vrnn(6, guide="iaf", z_dim=3, h_dim=5, feature_dim=4, hidden_dim=8,
+                              emission="gaussian")
+    data = {"test": SimpleNamespace(sequences=[torch.randn(5, 6), torch.randn(7, 6)])}
+    bench.figure2(model, guide, data, tmp_path / "fig2.png")
+    assert (tmp_path / "fig2.png").stat().st_size > 0

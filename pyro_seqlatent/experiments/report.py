@@ -164,6 +164,47 @@ def collapse_row(model, guide, data, spec, metrics: dict | None, device: str = "
     return row, diag
 
 
+#: published per-time-step anchors of the sequence data sets (negative test ELBO per step, nats;
+#: FIELD-NOTES.md, benchmarks/results/vrnn/results.md)
+PER_STEP_ANCHORS = {"jsb": "Pyro DMM −ELBO/step 6.87 (Krishnan et al. 6.93)"}
+
+
+def per_step_figures(data, spec, metrics: dict, options: dict) -> dict:
+    r"""For a padded-sequence system (``pad_collate``: the VRNN and RNN models), the test
+    figures per scored time step, the unit of the JSB anchors: :math:`-\mathrm{ELBO/step} =
+    \sum_n -\mathrm{ELBO}_n / \sum_n T_n` and the same for the NLL
+    (:func:`~pyro_seqlatent.infer.scoring.sequence_steps`); ``{}`` for other systems."""
+    from pyro_seqlatent.data.sequences import pad_collate
+    from pyro_seqlatent.infer.loader import make_loader
+    from pyro_seqlatent.infer.scoring import sequence_steps
+
+    if spec.collate_fn is not pad_collate:
+        return {}
+    with torch.random.fork_rng():
+        steps = sum(int(sequence_steps(b).sum())
+                    for b in make_loader(data, batch_size=100, collate_fn=pad_collate))
+    points = metrics["num_points"]
+    return {"test_steps": steps,
+            "test_neg_elbo_per_step": -metrics["elbo"] * points / steps,
+            "test_nll_per_step": -metrics["log_marginal"] * points / steps,
+            "per_step_anchor": PER_STEP_ANCHORS.get(options.get("dataset", ""))}
+
+
+def _per_step_lines(rows: list[dict]) -> list[str]:
+    seq = [r for r in rows if "test_steps" in r]
+    if not seq:
+        return []
+    lines = ["", "Sequence models per scored time step (the unit of the JSB anchors; the table "
+             "above is per sequence): total over the test sequences / their unpadded steps.", "",
+             "| model | test sequences | steps | −ELBO/step | NLL/step (IS) | anchor (per step) |",
+             "|---|---|---|---|---|---|"]
+    for r in seq:
+        lines.append(f"| {r['model']} | {r['test_points']} | {r['test_steps']} | "
+                     f"{r['test_neg_elbo_per_step']:.4g} | {r['test_nll_per_step']:.4g} | "
+                     f"{r.get('per_step_anchor') or '–'} |")
+    return lines
+
+
 def _fmt(value: Any) -> str:
     if value is None:
         return "–"
@@ -261,6 +302,7 @@ def run_demo(out: Path, models: list[str] | None = None, data_root: str | None =
                  "model's unit counts when it is active at some step); log p(x) − ELBO: the "
                  "gap between the importance-sampled log-likelihood and the ELBO "
                  "(pyro_seqlatent.infer.collapse).")
+    lines += _per_step_lines(rows)
     warned = [r for r in rows if r.get("collapse_warning")]
     if warned:
         lines += ["", "**Warnings.**", ""]
@@ -310,6 +352,7 @@ def _demo_system(name: str, spec, out: Path, data_root: str | None, device: str)
                            device=device)
         row.update(test_points=metrics["num_points"], K=metrics["num_samples"],
                    test_elbo=metrics["elbo"], test_log_px=metrics["log_marginal"])
+        row.update(per_step_figures(test, spec, metrics, spec.options(**options)))
     collapse, diag = collapse_row(model, guide, test, spec, metrics, device)
     row.update(collapse)
     figures = [plot_learning_curve(run_dir, title=f"{name}: learning curve")]
