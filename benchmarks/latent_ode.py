@@ -7,8 +7,18 @@ with ``OMP_NUM_THREADS=1``, and neither shortens the other's budget), validates 
 ``--valid-every`` steps, and scores its best-validation checkpoint: the masked test MSE of the
 posterior-predictive mean (Latent ODE, 8 samples of z0) or of the one-step predictions
 (baselines), on the entries the task scores. Every
-cell also gets a ``persistence`` row (each scored point predicted by the last value of its
-feature observed strictly before it, or the first observed value before any; no training).
+cell also gets three baseline rows without parameters or training, each variable of each series
+on its own from that series' observed entries on its own times
+(``pyro_seqlatent.models.forecast_metrics``): ``persistence`` (each scored point predicted by the
+last value of its feature observed strictly before it, or the first observed value before any),
+``locf`` (last value carried forward: the last value observed at or before it) and
+``linear_interp`` (linear interpolation between the observed times, held constant before the
+first and after the last observation, so equal to ``locf`` in extrapolation).
+``--baselines-only`` scores just those rows of the given cells and merges them into ``--out``'s
+table, keeping the trained rows (the baselines need the data only):
+
+    python benchmarks/latent_ode.py --baselines-only --cells periodic:interp:0.5 \
+        periodic:extrap:0.5 --batch-size 20 --out benchmarks/results/latent_ode/periodic
 
 ``--protocol reference`` (hopper and PhysioNet cells) builds the data as the reference
 implementation does (``pyro_seqlatent.data.hopper``, ``pyro_seqlatent.data.physionet``) and
@@ -92,7 +102,8 @@ from pyro_seqlatent.infer.train import (
     restore_modules,
 )
 from pyro_seqlatent.models.forecast_metrics import (
-    persistence_mse,
+    BASELINES,
+    baseline_mse,
     predictive_mse,
     reference_test_mse,
 )
@@ -113,7 +124,7 @@ HOPPER_UNIT_FACTOR = 4.1
 FIXED_TRAIN_SETTINGS = {"num_steps", "num_epochs", "max_time_s", "time_budget", "valid_every",
                         "checkpoint_every", "progress",
                         "batch_size"}  # set by the benchmark's own flags
-MODELS = ("latent_ode", "latent_ode_poisson", "ode_rnn", "rnn_dt", "persistence")
+MODELS = ("latent_ode", "latent_ode_poisson", "ode_rnn", "rnn_dt", *BASELINES)
 
 ANCHORS = {  # paper values (MSE) = the reference implementation's protocol; see FIELD-NOTES
     ("hopper", "interp", "latent_ode"): {0.1: 0.360e-2, 0.2: 0.295e-2, 0.3: 0.300e-2,
@@ -267,7 +278,7 @@ def check_model_overrides(parser, args, cells: list[dict]) -> None:
     if "poisson" in overrides:
         parser.error("--options ['poisson']: use --models latent_ode_poisson (or latent_ode), "
                      "which labels the row and picks its anchor")
-    trained = [spec_for(name) for name in args.models if name in MODELS and name != "persistence"]
+    trained = [spec_for(name) for name in args.models if name in MODELS and name not in BASELINES]
     training = _results.train_options(parser, args.train_options, FIXED_TRAIN_SETTINGS,
                                       "the budget, validation and batch size come from "
                                       "--minutes/--valid-every/--batch-size",
@@ -281,7 +292,7 @@ def check_model_overrides(parser, args, cells: list[dict]) -> None:
     if (overrides or training) and args.speed:
         parser.error("--speed measures the default models: drop --options / --train-options")
     for name in args.models:
-        if name == "persistence":
+        if name in BASELINES:
             continue
         spec = spec_for(name)
         bad = sorted(set(overrides) - set(spec.defaults))
@@ -309,21 +320,23 @@ def prefix_trained(cell: dict, args) -> bool:
 
 
 def cell_command(cell: dict, name: str, args) -> str:
-    minutes = "" if name == "persistence" else f" --minutes {args.minutes}"
-    if name != "persistence" and args.valid_every != 200:
+    trained = name not in BASELINES
+    minutes = f" --minutes {args.minutes}" if trained else ""
+    if trained and args.valid_every != 200:
         minutes += f" --valid-every {args.valid_every}"
+    which = f"--models {name}" if trained else "--baselines-only"
     return (f"OMP_NUM_THREADS=1 python benchmarks/latent_ode.py{minutes} --cells "
-            f"{cell['dataset']}:{cell['task']}:{cell['fraction']} --models {name} "
+            f"{cell['dataset']}:{cell['task']}:{cell['fraction']} {which} "
             f"--n-series {args.n_series} --recipe {args.recipe} --quantization "
             f"{args.quantization} --n-records {args.n_records} "
             f"--batch-size {args.batch_size} --protocol {cell_protocol(cell, args)}"
             + (" --extrap-train all"
-               if prefix_trained(cell, args) and name != "persistence" else "")
+               if prefix_trained(cell, args) and trained else "")
             + (f" --options {shlex.quote(args.options)}"
-               if name != "persistence" and model_overrides(args) else "")
+               if trained and model_overrides(args) else "")
             + (f" --train-options {shlex.quote(args.train_options)}"
-               if name != "persistence" and json.loads(args.train_options) else "")
-            + (f" --tag {shlex.quote(args.tag)}" if name != "persistence" and args.tag else ""))
+               if trained and json.loads(args.train_options) else "")
+            + (f" --tag {shlex.quote(args.tag)}" if trained and args.tag else ""))
 
 
 def anchor_for(cell: dict, label: str, protocol: str):
@@ -455,19 +468,43 @@ def rows_from_runs(run_dirs: list[Path]) -> tuple[list[dict], list[Path]]:
     return rows, missing
 
 
-def persistence_row(cell: dict, args, datasets: dict | None = None) -> dict:
-    """The ``persistence`` row of a cell (no training; ``datasets`` reused when given)."""
+def baseline_row(cell: dict, args, kind: str = "persistence",
+                 datasets: dict | None = None) -> dict:
+    """The row of the parameter-free baseline ``kind`` (:data:`BASELINES`) of a cell (no
+    training; ``datasets`` reused when given)."""
     protocol = cell_protocol(cell, args)
     options = {k: v for k, v in cell_options(cell, args).items() if k in DATA_DEFAULTS}
     if datasets is None:
         datasets = system_datasets({**DATA_DEFAULTS, **options})
     t0 = time.perf_counter()
-    scores = persistence_mse(datasets["test"], protocol)
-    return {"model": "persistence", **cell, "protocol": protocol, "options": options,
+    scores = baseline_mse(datasets["test"], protocol, kind)
+    return {"model": kind, **cell, "protocol": protocol, "options": options,
             "steps": 0, "epochs": None, "train_s": 0.0, "s_per_epoch": None, **scores,
             "step_s": None, "score_s": time.perf_counter() - t0,
-            "command": cell_command(cell, "persistence", args), "anchor_mse": None,
+            "command": cell_command(cell, kind, args), "anchor_mse": None,
             "figures": []}
+
+
+def persistence_row(cell: dict, args, datasets: dict | None = None) -> dict:
+    """The ``persistence`` row of a cell (no training; ``datasets`` reused when given)."""
+    return baseline_row(cell, args, "persistence", datasets)
+
+
+def baseline_rows(cell: dict, args, datasets: dict | None = None) -> list[dict]:
+    """The baseline rows of a cell (:data:`BASELINES`: persistence, LOCF, linear
+    interpolation), the data loaded once (or ``datasets``)."""
+    if datasets is None:
+        options = {k: v for k, v in cell_options(cell, args).items() if k in DATA_DEFAULTS}
+        datasets = system_datasets({**DATA_DEFAULTS, **options})
+    return [baseline_row(cell, args, kind, datasets) for kind in BASELINES]
+
+
+def baseline_rows_printed(cell: dict, args, datasets: dict | None = None) -> list[dict]:
+    rows = baseline_rows(cell, args, datasets)
+    for row in rows:
+        print(f"[latent_ode bench] {cell} {row['model']} ({row['protocol']}): test MSE "
+              f"{row['test_mse']:.4g}", flush=True)
+    return rows
 
 
 def union_vs_rescaled(n_series=30, n_points=100, repeats=3, seed=0) -> dict:
@@ -533,9 +570,13 @@ def _num(value, fmt: str) -> str:
 def markdown(rows, solve) -> str:
     lines = ["# Latent ODE benchmark", "",
              "Test MSE on the scored entries (interp: all points; extrap: the points after the "
-             "observed prefix). `persistence`: each scored point predicted by the last value of "
-             "its feature observed strictly before it (the first observed value before any), "
-             "no training. `anchor` = the paper's value where it reports one and the row's "
+             "observed prefix). Baselines without training, each variable of each series from "
+             "its own observed entries and times: `persistence`: each scored point predicted "
+             "by the last value of its feature observed strictly before it (the first observed "
+             "value before any); `locf`: the last value observed at or before it (last value "
+             "carried forward); `linear_interp`: linear interpolation between the observed "
+             "times, constant outside them (equal to `locf` in extrapolation). `anchor` = "
+             "the paper's value where it reports one and the row's "
              "protocol is comparable (notes below). Short CPU budgets: the gap to the anchors "
              "is the budget, see the learning curves.", "",
              "| dataset | task | observed | protocol | model | test MSE | anchor | gap (÷ anchor) "
@@ -577,7 +618,7 @@ def markdown(rows, solve) -> str:
         notes.append(
             "Protocol `reference` rows are scored as the reference: ODE-RNN / RNN-Δt predict "
             "each sequence's first time point by its observed value, 0 where unobserved; the "
-            "Latent ODE's MSE is the mean of the MSEs of 3 z0 samples; persistence as "
+            "Latent ODE's MSE is the mean of the MSEs of 3 z0 samples; the baselines as "
             "defined above. Where the first point is scored (interp), for comparison:")
         for r in ref:
             for key, what in (("test_mse_without_first_point_rule", "without the first-point "
@@ -632,7 +673,7 @@ def run_in_processes(cells: list[dict], argv: list[str], args) -> None:
         if not skip:
             base.append(token)
     tasks = [(f"{c['dataset']}:{c['task']}:{c['fraction']}", name)
-             for c in cells for name in args.models if name != "persistence"]
+             for c in cells for name in args.models if name not in BASELINES]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     running, failed = [], []
     logs = Path(args.out) / "logs"
@@ -667,8 +708,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--minutes", type=float, default=20.0, help="training budget per cell")
     p.add_argument("--cells", nargs="+", default=["periodic:interp:0.5", "periodic:extrap"])
     p.add_argument("--models", nargs="*", default=["latent_ode", "ode_rnn", "rnn_dt"],
-                   help="latent_ode, latent_ode_poisson, ode_rnn, rnn_dt; the persistence row "
-                        "is added to every cell (--models persistence: only that row)")
+                   help="latent_ode, latent_ode_poisson, ode_rnn, rnn_dt; the baseline rows "
+                        "(persistence, locf, linear_interp) are added to every cell "
+                        "(--baselines-only: only those rows)")
     p.add_argument("--n-series", type=int, default=1000)
     p.add_argument("--recipe", default="code", choices=["paper", "code"])
     p.add_argument("--quantization", type=float, default=0.1)
@@ -708,8 +750,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--speed", action="store_true",
                    help="only measure the step cost of RNN-Δt, ODE-RNN and Latent ODE on each "
                         "cell (speed.json / speed.md under --out)")
-    p.add_argument("--no-persistence", action="store_true",
-                   help="skip the persistence row of each cell")
+    p.add_argument("--no-persistence", "--no-baselines", action="store_true",
+                   help="skip the baseline rows (persistence, locf, linear_interp) of each cell")
+    p.add_argument("--baselines-only", action="store_true",
+                   help="train nothing: score the baseline rows of --cells (persistence, locf, "
+                        "linear_interp; they need the data only) and merge them into --out's "
+                        "results.json / results.md, keeping the trained rows")
     p.add_argument("--no-solve-bench", action="store_true")
     p.add_argument("--out", default="benchmarks/results/latent_ode")
     p.add_argument("--rescore", nargs="+", metavar="RUN_DIR",
@@ -720,7 +766,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="train nothing: merge the rows saved in these run folders (their "
                         "row.json; none named: every run folder under --out) into --out's "
                         "results.json and rewrite results.md; rows of results.json that no "
-                        "folder replaces (persistence rows, runs not on this disk) are kept")
+                        "folder replaces (baseline rows, runs not on this disk) are kept")
     return p
 
 
@@ -772,6 +818,11 @@ def main(argv=None):
         print(markdown(rows, solve))
         return
 
+    if args.baselines_only:  # no training, no solve benchmark: the baselines of each cell
+        for cell in cells:
+            rows, solve = save(baseline_rows_printed(cell, args))
+        print(markdown(rows, solve))
+        return
     if args.speed:
         new = [speed_comparison(cell, args) for cell in cells]
         path = out / "speed.json"
@@ -790,14 +841,14 @@ def main(argv=None):
         run_in_processes(cells, argv if argv is not None else sys.argv[1:], args)
         if not args.no_persistence:
             for cell in cells:
-                save([persistence_row(cell, args)])
+                save(baseline_rows(cell, args))
         rows, solve = save(new_solve=None if args.no_solve_bench else union_vs_rescaled())
         print(markdown(rows, solve))
         return
     for cell in cells:
         datasets = None
         for name in args.models:
-            if name == "persistence":  # its row is added below
+            if name in BASELINES:  # their rows are added below
                 continue
             print(f"[latent_ode bench] {cell} {name} ({cell_protocol(cell, args)})", flush=True)
             row, datasets = run_cell(name, cell, args, out)
@@ -805,10 +856,7 @@ def main(argv=None):
                   f"{row['test_mse']:.4g} after {row['steps']} steps", flush=True)
             save([row])
         if not args.no_persistence:
-            row = persistence_row(cell, args, datasets)
-            print(f"[latent_ode bench] {cell} persistence ({row['protocol']}): test MSE "
-                  f"{row['test_mse']:.4g}", flush=True)
-            save([row])
+            save(baseline_rows_printed(cell, args, datasets))
     rows, solve = save(new_solve=None if args.no_solve_bench else union_vs_rescaled())
     print(markdown(rows, solve))
 

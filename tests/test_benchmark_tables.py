@@ -32,7 +32,8 @@ def no_training(monkeypatch):
     def forbidden(*args, **kwargs):
         raise AssertionError("--from-runs trained or loaded data")
 
-    for name in ("train_system", "system_datasets", "union_vs_rescaled", "persistence_row"):
+    for name in ("train_system", "system_datasets", "union_vs_rescaled", "persistence_row",
+                 "baseline_rows"):
         monkeypatch.setattr(bench, name, forbidden)
 
 

@@ -19,6 +19,14 @@ feature :math:`d`:
             \quad(0 \text{ when } \textstyle\sum_i m_{bid} = 0),
             \qquad \mathrm{MSE} = \frac1B \sum_b \mathrm{MSE}_b .
 
+Baselines without parameters (no training; each variable of each series on its own, from that
+series' observed entries ``obs_mask`` only, on the series' own times): persistence (the value
+observed strictly before, :func:`~pyro_seqlatent.data.irregular.persistence_predict`),
+last-value-carried-forward (:func:`locf_predict`: the last value observed at or before the time)
+and linear interpolation between the observed times (:func:`linear_interp_predict`); both hold
+the first observed value before it and the last after it, so in extrapolation linear
+interpolation equals LOCF. :func:`baseline_mse` scores any of them under either weighting.
+
 Under the reference protocol the one-step baselines predict a sequence's first time point by its
 observed value (0 where unobserved; :func:`reference_first_point`), and the Latent ODE's score is
 the mean over :data:`REFERENCE_LATENT_SAMPLES` draws of :math:`z_0` of each draw's MSE. The Latent
@@ -37,7 +45,8 @@ from pyro_seqlatent.models.latent_ode import forecast, masked_mse, predict
 #: ``compute_loss_all_batches(..., n_traj_samples=3)``)
 REFERENCE_LATENT_SAMPLES = 3
 
-__all__ = ["REFERENCE_LATENT_SAMPLES", "crps", "observed_mse_sums", "persistence_mse",
+__all__ = ["BASELINES", "REFERENCE_LATENT_SAMPLES", "baseline_mse", "crps",
+           "linear_interp_predict", "locf_predict", "observed_mse_sums", "persistence_mse",
            "predictive_mse", "reference_first_point", "reference_record_mse",
            "reference_test_mse"]
 
@@ -171,3 +180,105 @@ def persistence_mse(dataset, protocol: str, batch_size=50) -> dict:
     if protocol == "reference":
         out["test_mse_with_first_point_rule"] = ruled / max(count, 1.0)
     return out
+
+
+def _neighbours(obs_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(before, after)``, ``(B, N, D)``: for every entry the index of the latest observed
+    entry of its series and variable at or before it (-1 if none) and of the earliest at or
+    after it (``N`` if none)."""
+    b, n, d = obs_mask.shape
+    seen = obs_mask > 0
+    index = torch.arange(n, device=obs_mask.device).view(1, n, 1).expand(b, n, d)
+    before = torch.where(seen, index, torch.full_like(index, -1)).cummax(dim=1).values
+    after = torch.where(seen, index, torch.full_like(index, n)).flip(1).cummin(dim=1).values
+    return before, after.flip(1)
+
+
+def _check_baseline_inputs(values, obs_mask, name):
+    if not (torch.is_tensor(values) and torch.is_tensor(obs_mask) and values.dim() == 3
+            and obs_mask.shape == values.shape):
+        shapes = [tuple(t.shape) if torch.is_tensor(t) else type(t).__name__
+                  for t in (values, obs_mask)]
+        raise ValueError(f"{name}: values and obs_mask must be (B, N, D) tensors of one shape, "
+                         f"got {shapes[0]} and {shapes[1]}")
+
+
+@torch.no_grad()
+def locf_predict(values: torch.Tensor, obs_mask: torch.Tensor) -> torch.Tensor:
+    r"""Last value carried forward on a ``(B, N, D)`` batch: entry :math:`(b, i, d)` is the
+    value of variable :math:`d` of series :math:`b` at :math:`j(i) = \max\{j \le i :
+    m^{obs}_{bjd} = 1\}`, the latest observation at or before it (an observed entry is its own
+    prediction); before the first observation the first observed value; 0 for a variable the
+    series never observes. Values where ``obs_mask`` is 0 are never read (they may be NaN)."""
+    _check_baseline_inputs(values, obs_mask, "locf_predict")
+    n = values.shape[1]
+    before, after = _neighbours(obs_mask)
+    source = torch.where(before >= 0, before, after)
+    pred = values.gather(1, source.clamp(0, n - 1))
+    return torch.where(source < n, pred, torch.zeros_like(pred))
+
+
+@torch.no_grad()
+def linear_interp_predict(values: torch.Tensor, obs_mask: torch.Tensor,
+                          times: torch.Tensor) -> torch.Tensor:
+    r"""Linear interpolation of each variable of each series between its observed times: for
+    entry :math:`(b, i, d)` with :math:`j` the latest observed index at or before :math:`i` and
+    :math:`k` the earliest at or after it (observations of series :math:`b`, variable
+    :math:`d`),
+
+    .. math:: \hat x_{bid} = x_{bjd} + rac{t_i - t_j}{t_k - t_j}\,(x_{bkd} - x_{bjd}),
+
+    :math:`x_{bid}` itself where :math:`j = k = i`; the nearest observed value where only one
+    side exists (constant before the first and after the last observation: LOCF in
+    extrapolation); 0 for a variable the series never observes.
+
+    :param times: ``(N,)`` (a union grid, :func:`~pyro_seqlatent.data.irregular.
+        union_grid_collate`) or ``(B, N)`` (each series' own, ``padded_collate``).
+    """
+    _check_baseline_inputs(values, obs_mask, "linear_interp_predict")
+    b, n, d = values.shape
+    if not (torch.is_tensor(times) and times.shape in ((n,), (b, n))):
+        raise ValueError(f"linear_interp_predict: times must have shape ({n},) or ({b}, {n}) "
+                         f"for values {tuple(values.shape)}, got "
+                         f"{tuple(times.shape) if torch.is_tensor(times) else type(times)}")
+    t = times.to(values.dtype).expand(b, n).unsqueeze(-1).expand(b, n, d)
+    before, after = _neighbours(obs_mask)
+    j, k = before.clamp(0, n - 1), after.clamp(0, n - 1)
+    xj, xk, tj, tk = values.gather(1, j), values.gather(1, k), t.gather(1, j), t.gather(1, k)
+    has_j, has_k = before >= 0, after < n
+    span = torch.where(has_j & has_k & (tk > tj), tk - tj, torch.ones_like(t))
+    inside = torch.where(has_j & has_k & (tk > tj), xj + (t - tj) / span * (xk - xj), xj)
+    pred = torch.where(has_j, torch.where(has_k, inside, xj), xk)
+    return torch.where(has_j | has_k, pred, torch.zeros_like(pred))
+
+
+#: the parameter-free baselines :func:`baseline_mse` scores
+BASELINES = ("persistence", "locf", "linear_interp")
+
+
+def _baseline_predict(kind: str, batch: dict) -> torch.Tensor:
+    if kind == "persistence":
+        return persistence_predict(batch["values"], batch["obs_mask"])
+    if kind == "locf":
+        return locf_predict(batch["values"], batch["obs_mask"])
+    return linear_interp_predict(batch["values"], batch["obs_mask"], batch["times"])
+
+
+@torch.no_grad()
+def baseline_mse(dataset, protocol: str, kind: str, batch_size=50) -> dict:
+    """Test MSE (``{"test_mse"}``) of a parameter-free baseline (:data:`BASELINES`) on the
+    scored entries (``mask``), pooled over observations under ``protocol="ours"``, per record
+    and variable under ``"reference"`` (module docstring); ``persistence`` is
+    :func:`persistence_mse`."""
+    if kind not in BASELINES:
+        raise ValueError(f"baseline_mse: kind={kind!r}; use one of {list(BASELINES)}")
+    if protocol not in ("ours", "reference"):
+        raise ValueError(f"baseline_mse: protocol={protocol!r}; use 'ours' or 'reference'")
+    if kind == "persistence":
+        return persistence_mse(dataset, protocol, batch_size=batch_size)
+    score = masked_mse if protocol == "ours" else reference_record_mse
+    sse = count = 0.0
+    for batch in DataLoader(dataset, batch_size=batch_size, collate_fn=union_grid_collate):
+        s, c = score(_baseline_predict(kind, batch), batch["values"], batch["mask"])
+        sse, count = sse + s, count + c
+    return {"test_mse": sse / max(count, 1.0)}
