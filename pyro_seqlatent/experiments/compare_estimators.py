@@ -3,11 +3,12 @@
 Builds the model/guide pair (a registered system via :mod:`pyro_seqlatent.registry`, or
 ``--pair module:function``), fixes its parameters (a finished run's checkpoint, a short
 ``Trace_ELBO`` pre-training by :func:`pyro_seqlatent.infer.train`, or the initialisation), then
-measures every named estimator's gradient variance and signal-to-noise ratio with
-:func:`pyro_seqlatent.infer.estimators.compare_estimators` and, in run mode, trains a fresh pair
-with each (:func:`~pyro_seqlatent.infer.estimators.compare_training`). The estimators and their
-statistics are in :mod:`pyro_seqlatent.infer.estimators`; this module only wires them to models,
-data and the command line (see ``docs/estimators.md``).
+measures the gradient variance and signal-to-noise ratio of every named estimator that applies
+to the pair with :func:`pyro_seqlatent.infer.estimators.compare_estimators` and, in run mode,
+trains a fresh pair with each (:func:`~pyro_seqlatent.infer.estimators.compare_training`); the
+others are listed in the report with the reason (e.g. ``stl`` at a discrete site). The
+estimators and their statistics are in :mod:`pyro_seqlatent.infer.estimators`; this module
+only wires them to models, data and the command line (see ``docs/estimators.md``).
 """
 
 from __future__ import annotations
@@ -114,7 +115,8 @@ def _add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="gradient draws per estimator at the fixed checkpoint")
     parser.add_argument("--batch-size", type=int, default=100, help="data points per batch")
     parser.add_argument("--num-particles", type=int, default=DEFAULT_IWAE_PARTICLES,
-                        help="K of the multi-sample bounds (iwae, dreg)")
+                        help="K of the multi-sample estimators (iwae, dreg, vimco, "
+                        "reinforce_loo)")
     parser.add_argument("--run-dir", default=None,
                         help="take the checkpoint from this finished run (pyro-seqlatent train)")
     parser.add_argument("--pretrain-steps", type=int, default=300,
@@ -174,9 +176,10 @@ def run_comparison(args) -> Path:
                                   collate_fn=collate_fn, device=args.device)
     notes = (f"Model: {setup['title']}. Parameters fixed {where}; {args.num_draws} independent "
              f"gradient draws per estimator on one held-out batch of {args.batch_size}; "
-             f"IWAE/DReG with K = {args.num_particles}. Variance is the mean over the group's "
-             "coordinates of the per-coordinate variance of one draw; SNR = |E g| / std g per "
-             "coordinate. Times are wall-clock on this machine.")
+             f"multi-sample estimators with K = {args.num_particles}. Estimators that do not "
+             "apply to this model are listed under 'Not run' with the reason. Variance is the "
+             "mean over the group's coordinates of the per-coordinate variance of one draw; "
+             "SNR = |E g| / std g per coordinate. Times are wall-clock on this machine.")
     return write_report(args.out, "Gradient estimators", stats, curves, args.target_elbo, notes)
 
 

@@ -43,11 +43,12 @@ def _stats_row(name: str, st: GradientStats, group: str, summary: dict, ref) -> 
         snrs = ["∞ (exact)"] * 3
     else:
         snrs = [_fmt(summary[k]) for k in ("median_snr", "mean_snr", "norm_snr")]
+    ratio_text = "0 (exact)" if flag == "exact" and ratio == 0 else _fmt(ratio)
     note = f"**{flag}**" if flag in _UNRANKED else (flag or "")
     if st.extra.get("biased"):
         note = ", ".join(x for x in (note, "biased") if x)
     return (f"| {name} | {group} | {summary['size']} | {_fmt(summary['mean_variance'])} | "
-            f"{_fmt(ratio)} | {' | '.join(snrs)} | {_fmt(1e3 * st.seconds_per_draw)} | {note} |")
+            f"{ratio_text} | {' | '.join(snrs)} | {_fmt(1e3 * st.seconds_per_draw)} | {note} |")
 
 
 def stats_table(stats: dict[str, GradientStats], reference: str | None = "reparam") -> str:
