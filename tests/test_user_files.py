@@ -27,6 +27,7 @@ TINY = {  # a few steps of tiny networks per system
                    "--ode-layers", "1", "--method", "euler"],
     "ode_rnn": ["--hidden-dim", "8", "--ode-units", "8"],
     "rnn_dt": ["--hidden-dim", "8"],
+    "flow_density": ["--hidden", "8", "--num-couplings", "2"],
 }
 
 
@@ -187,8 +188,9 @@ def _write_family(tmp_path, family):
     return path
 
 
-SYSTEMS = [("vae", "vectors"), ("vrnn", "sequences"), ("rnn", "sequences"),
-           ("latent_ode", "irregular"), ("ode_rnn", "irregular"), ("rnn_dt", "irregular")]
+SYSTEMS = [("vae", "vectors"), ("flow_density", "vectors"), ("vrnn", "sequences"),
+           ("rnn", "sequences"), ("latent_ode", "irregular"), ("ode_rnn", "irregular"),
+           ("rnn_dt", "irregular")]
 
 
 @pytest.mark.parametrize("system,family", SYSTEMS, ids=[s for s, _ in SYSTEMS])
@@ -204,7 +206,7 @@ def test_every_system_trains_and_evaluates_from_a_user_file_on_the_command_line(
     assert summary["steps"] == 2 and np.isfinite(summary["final_loss"])
     config = json.loads((run / "config.json").read_text())
     assert config["options"]["data"] == str(path.resolve())  # found again from anywhere
-    if system in ("vae", "vrnn", "latent_ode"):
+    if system in ("vae", "flow_density", "vrnn", "latent_ode"):
         monkeypatch.chdir("/")
         assert main(["evaluate", str(run), "--num-samples", "3", "--split", "valid"]) == 0
         scores = json.loads((run / "eval_valid_K3.json").read_text())
@@ -221,13 +223,41 @@ def test_a_bad_file_is_one_line_on_the_command_line(tmp_path, capsys):
     assert "data=" in err and "'x'" in err and "(x > 127).astype(np.uint8)" in err
 
 
-def test_data_on_a_system_that_reads_no_file_is_a_usage_error(tmp_path, capsys):
+def test_data_on_a_system_that_reads_no_file_is_a_usage_error(tmp_path, capsys, monkeypatch):
+    from torch import nn
+
+    from pyro_seqlatent import registry
+
+    spec = registry.ModelSpec(name="nodata", build=lambda o: (nn.Linear(1, 1), nn.Linear(1, 1)),
+                              datasets=lambda o, r: {}, defaults={"dataset": "toy"})
+    monkeypatch.setitem(registry._REGISTRY, "nodata", spec)
     with pytest.raises(SystemExit) as info:
-        main(["train", "flow_density", "--data", str(tmp_path / "x.npz")])
+        main(["train", "nodata", "--data", str(tmp_path / "x.npz")])
     err = capsys.readouterr().err
     assert info.value.code == 2
-    assert "'flow_density' does not train on your own files" in err
+    assert "'nodata' does not train on your own files" in err
     assert "vae" in err and "latent_ode" in err and "own-data.md" in err
+
+
+def test_the_flow_density_dequantizes_integer_levels_and_refuses_floats_outside_0_1(tmp_path):
+    from pyro_seqlatent.models.flow_density import user_data, user_datasets
+
+    levels = RNG.integers(0, 5, (30, 3, 2)).astype(np.int16)
+    levels[0, 0, 0] = 4  # L = 5
+    np.savez(tmp_path / "k.npz", x=levels)
+    user = user_data({"data": str(tmp_path / "k.npz")})
+    assert (user.levels, user.dim, user.item_shape) == (5, 6, (3, 2))
+    splits = user_datasets(user)
+    for split in ("train", "valid", "test"):
+        k = user.splits[split].x  # the levels, as floats
+        x = torch.stack([splits[split][i] for i in range(len(k))])
+        assert torch.equal(torch.floor(x * 5), k) and ((x * 5 - k) > 0).all()
+    valid = splits["valid"]
+    assert torch.equal(valid[0], valid[0]) and not torch.equal(splits["train"][0],
+                                                               splits["train"][0])
+    np.savez(tmp_path / "f.npz", x=RNG.random((30, 4)) * 2)
+    with pytest.raises(UserDataError, match=r"floats from .* \[0, 1\)"):
+        user_datasets(user_data({"data": str(tmp_path / "f.npz")}))
 
 
 def test_training_from_arrays_in_python():

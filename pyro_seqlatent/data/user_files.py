@@ -368,9 +368,12 @@ def _vector_data(source, arrays, fractions, seed, binary, labels) -> UserData:
         y_t = torch.as_tensor(np.ascontiguousarray(y)) if labels and y is not None else None
         datasets[s] = VectorDataset(_float(x), y_t)
     shape = tuple(np.shape(arrays.get("x", arrays.get("train_x", arrays.get("train"))))[1:])
+    xs = [splits[s][0] for s in SPLITS]
+    levels = None
+    if all(x.dtype.kind in "biu" for x in xs) and min(int(x.min()) for x in xs) >= 0:
+        levels = max(2, max(int(x.max()) for x in xs) + 1)
     return UserData("vectors", datasets, dims["train"], None,
-                    all(_is_binary(splits[s][0]) for s in SPLITS), shape, has_y["train"],
-                    source)
+                    all(_is_binary(x) for x in xs), shape, has_y["train"], source, levels)
 
 
 # ----------------------------------------------------------------------------- sequences
@@ -585,6 +588,9 @@ class UserData:
     has_labels: bool
     #: the file, or ``"<arrays>"``
     source: str
+    #: vectors of an integer or bool dtype, all >= 0: ``L`` = their largest value + 1 (at
+    #: least 2), the grey levels ``0..L-1`` a flow density dequantizes; else ``None``
+    levels: int | None = None
 
     def datasets(self) -> dict[str, Dataset]:
         """The ``{"train", "valid", "test"}`` dict a ``ModelSpec.datasets`` returns."""

@@ -112,7 +112,40 @@ def digits_splits(seed: int = 0) -> dict[str, torch.Tensor]:
     return {"train": x[:1257], "valid": x[1257:1527], "test": x[1527:]}
 
 
+def user_data(options: dict):
+    """The ``data`` file of ``options`` as vectors (docs/own-data.md;
+    :func:`pyro_seqlatent.data.user_files.load_user_data`), or ``None`` (the 8x8 digits)."""
+    if not options.get("data"):
+        return None
+    from pyro_seqlatent.data.user_files import load_user_data
+
+    return load_user_data(options["data"], "vectors")
+
+
+def user_datasets(user) -> dict[str, Dataset]:
+    """A user file's splits for the density: integer levels ``k ∈ {0..L−1}`` dequantized to
+    ``(k + u)/L`` (fresh ``u`` for training, fixed for valid/test, as the digits), floats in
+    ``[0, 1)`` as they are; other floats raise :class:`~pyro_seqlatent.data.user_files.
+    UserDataError` with the fix."""
+    from pyro_seqlatent.data.user_files import UserDataError
+
+    if user.levels is not None:
+        return {split: DequantizedImages(data.x, user.levels, seed)
+                for (split, data), seed in zip(user.splits.items(), (None, 1, 2))}
+    low = min(float(d.x.min()) for d in user.splits.values())
+    high = max(float(d.x.max()) for d in user.splits.values())
+    if low < 0 or high >= 1:
+        raise UserDataError(
+            f"data={user.source}: key 'x' holds floats from {low} to {high}; the flow density "
+            "models [0, 1)^D: save integer levels (e.g. uint8 pixels, dequantized here) or "
+            "floats scaled into [0, 1), e.g. (x - x.min()) / (x.max() - x.min()) * 0.999")
+    return user.datasets()
+
+
 def digits_datasets(options: dict, root=None) -> dict[str, Dataset]:
+    user = user_data(options)
+    if user is not None:
+        return user_datasets(user)
     if options.get("dataset", "digits") != "digits":
         raise ValueError(f"dataset must be 'digits', got {options.get('dataset')!r}")
     splits = digits_splits()
@@ -138,15 +171,20 @@ def bits_per_dim(model: FlowDensity, data: Dataset, levels: int, batch_size: int
 
 def build(options: dict):
     hidden = int(options["hidden"])
-    model = FlowDensity(64, options["flow"], int(options["num_couplings"]), (hidden, hidden),
-                        options["prior"])
+    user = user_data(options)
+    model = FlowDensity(user.dim if user else 64, options["flow"],
+                        int(options["num_couplings"]), (hidden, hidden), options["prior"])
     return model, NoLatents()
 
 
 def generate(model: FlowDensity, num_samples: int, options: dict) -> torch.Tensor:
     with torch.no_grad():
         x = model.distribution().sample((num_samples,)).clamp(0, 1 - 1e-6)
-    return torch.floor(x * DIGITS_LEVELS).reshape(num_samples, 8, 8)
+    user = user_data(options)
+    if user is None:
+        return torch.floor(x * DIGITS_LEVELS).reshape(num_samples, 8, 8)
+    x = x if user.levels is None else torch.floor(x * user.levels)
+    return x.reshape(num_samples, *user.item_shape)
 
 
 register_model(ModelSpec(
@@ -154,19 +192,23 @@ register_model(ModelSpec(
     build=build,
     datasets=digits_datasets,
     defaults={"flow": "real_nvp", "num_couplings": 6, "hidden": 128, "prior": "normal",
-              "dataset": "digits"},
+              "dataset": "digits", "data": ""},
     elbo="Trace_ELBO",
     batch_plate="data",
     generate=generate,
     train_defaults={"lr": 1e-3, "batch_size": 64, "num_epochs": 100},
     demo={"num_epochs": 20, "eval": {"num_samples": 1, "max_points": 270}},
-    description="NICE / RealNVP density on dequantized 8x8 digits (maximum likelihood)",
+    description="NICE / RealNVP density on dequantized 8x8 digits or your own file (maximum "
+                "likelihood)",
     option_help={
         "flow": "nice (additive couplings) or real_nvp (affine couplings); any flow kind works",
         "num_couplings": "number of flows (couplings for nice / real_nvp)",
         "hidden": "width of the two hidden layers of each coupling network",
         "prior": "base distribution: normal or logistic (NICE's)",
         "dataset": "digits (the 8x8 digits of scikit-learn, dequantized)",
+        "data": "your own vectors or images: a .npz or .pt file with x (N, D) or (N, H, W) "
+                "of integer levels (dequantized) or floats in [0, 1) (docs/own-data.md); '': "
+                "digits",
     },
     option_choices={"flow": list(FLOW_NAMES), "prior": list(PRIORS), "dataset": ["digits"]},
 ))
