@@ -1,0 +1,230 @@
+r"""Signal-to-noise ratio of IWAE and DReG gradients against the number of particles K.
+
+Reproduces, as a check of the estimator lab itself, the result of Rainforth et al. 2018
+("Tighter variational bounds are not necessarily better"): for the K-sample IWAE bound
+:math:`\mathbb E\log\frac1K\sum_k w_k`, the SNR of the inference network's (guide's) gradient
+falls as :math:`O(1/\sqrt K)` while the generative network's (model's) rises as
+:math:`O(\sqrt K)`; and of Tucker et al. 2018: the doubly-reparameterized gradient (DReG) of the
+same bound keeps the guide's SNR from falling (it rises with K too).
+
+Set-up: the registered ``vae`` system (40 latents, 400 hidden units, mean-field guide) on
+statically binarized MNIST, trained for ``--train-minutes`` CPU minutes with ``Trace_ELBO``
+(best-validation checkpoint), then frozen. At those parameters, for K in ``--ks`` and each of
+``iwae`` and ``dreg`` (``make_estimator(name, K)``), :func:`gradient_stats` draws
+``--draws`` independent gradients on one fixed batch of ``--batch`` test images
+(``fixed_subset(test, seed 0)``), per parameter group (``guide`` = encoder, ``model`` =
+decoder):
+
+* ``mean_snr``: the mean over coordinates of :math:`|\bar g_i|/\sqrt{v_i}` (the lab's SNR);
+  its noise floor for a coordinate whose true mean is zero is
+  :math:`\sqrt{2/(\pi N)}` (N draws), written to the table;
+* ``norm_snr``: :math:`\sqrt{\max(\lVert\bar g\rVert^2 - \sum_i v_i/N, 0)} / \sqrt{\sum_i
+  v_i}`, the group's signal norm over its noise norm with the noise's share of
+  :math:`\lVert\bar g\rVert^2` removed (unbiased for :math:`\lVert\mathbb E g\rVert^2`).
+
+The slope of :math:`\log \mathrm{SNR}` against :math:`\log K` (least squares over all K) is
+compared with the published rates (-1/2 for the IWAE guide, +1/2 for the model).
+
+    OMP_NUM_THREADS=1 python benchmarks/snr_vs_k.py                  # ~10 CPU minutes
+    OMP_NUM_THREADS=1 python benchmarks/snr_vs_k.py --train-minutes 0.5 --draws 20 --ks 1 4
+
+Writes ``benchmarks/results/snr_vs_k/{results.json,results.md,snr_vs_k.png}``; the trained
+pair stays in ``benchmarks/results/snr_vs_k/vae_runs/`` (git-ignored).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from pathlib import Path
+
+import pyro
+import torch
+
+from pyro_seqlatent.data.mnist import BinarizedMNIST
+from pyro_seqlatent.data.subsets import fixed_subset
+from pyro_seqlatent.experiments.systems import train_system
+from pyro_seqlatent.infer import load_run
+from pyro_seqlatent.infer.estimators import gradient_stats, make_estimator
+
+OUT = Path(__file__).resolve().parent / "results" / "snr_vs_k"
+ESTIMATORS = ("iwae", "dreg")
+GROUPS = ("guide", "model")
+PUBLISHED = {("iwae", "guide"): -0.5, ("iwae", "model"): 0.5, ("dreg", "model"): 0.5}
+
+
+def train_pair(args, out: Path):
+    """The frozen VAE: trained once (``--train-minutes`` CPU minutes), reused when present."""
+    run_dir = out / "vae_runs" / "meanfield"
+    if not (run_dir / "best.pt").exists() or args.retrain:
+        train_system("vae", {"latent_dim": 40, "hidden_dims": "400", "valid_limit": 1000},
+                     run_dir, num_epochs=100, batch_size=100, lr=1e-3, clip_norm=100.0,
+                     valid_every=250, max_time_s=args.train_minutes * 60,
+                     time_budget="process", seed=0, progress=False)
+    run = load_run(run_dir, which="best")
+    for p in list(run.model.parameters()) + list(run.guide.parameters()):
+        p.requires_grad_(True)
+    return run.model, run.guide, run_dir
+
+
+def norm_snr(group) -> float:
+    r""":math:`\sqrt{\max(\lVert\bar g\rVert^2 - \sum v/N, 0)/\sum v}` of a ``GroupStats``."""
+    total = float(group.var.double().sum())
+    signal = float(group.mean.double().pow(2).sum()) - total / group.num_draws
+    return math.sqrt(max(signal, 0.0) / total) if total > 0 else math.inf
+
+
+def measure(model, guide, batch, args) -> list[dict]:
+    rows = []
+    for name in ESTIMATORS:
+        for k in args.ks:
+            t0 = time.process_time()
+            pyro.clear_param_store()
+            stats = gradient_stats(model, guide, (batch,), make_estimator(name, k),
+                                   num_draws=args.draws, seed=args.seed)
+            row = {"estimator": name, "K": k, "draws": args.draws,
+                   "cpu_s": round(time.process_time() - t0, 1), "loss": stats.loss_mean}
+            for group in GROUPS:
+                g = stats.groups[group]
+                summary = g.summary()
+                row[group] = {"mean_snr": summary["mean_snr"],
+                              "median_snr": summary["median_snr"],
+                              "norm_snr": norm_snr(g),
+                              "mean_variance": summary["mean_variance"],
+                              "flag": g.flag}
+            rows.append(row)
+            print(f"{name} K={k}: guide {row['guide']['mean_snr']:.4g} / "
+                  f"{row['guide']['norm_snr']:.4g}, model {row['model']['mean_snr']:.4g} / "
+                  f"{row['model']['norm_snr']:.4g} ({row['cpu_s']} s)", flush=True)
+    return rows
+
+
+def slope(rows: list[dict], name: str, group: str, key: str) -> float | None:
+    """Least-squares slope of log SNR against log K (finite, positive values only)."""
+    pts = [(math.log(r["K"]), math.log(r[group][key])) for r in rows
+           if r["estimator"] == name and 0 < r[group][key] < math.inf]
+    if len(pts) < 2:
+        return None
+    mx = sum(x for x, _ in pts) / len(pts)
+    my = sum(y for _, y in pts) / len(pts)
+    sxx = sum((x - mx) ** 2 for x, _ in pts)
+    return sum((x - mx) * (y - my) for x, y in pts) / sxx
+
+
+def slopes(rows) -> list[dict]:
+    return [{"estimator": n, "group": g, "key": key, "slope": slope(rows, n, g, key),
+             "published": PUBLISHED.get((n, g))}
+            for n in ESTIMATORS for g in GROUPS for key in ("mean_snr", "norm_snr")]
+
+
+def _fmt(v, digits=4) -> str:
+    return "–" if v is None else f"{v:.{digits}g}"
+
+
+def write_markdown(result: dict, path: Path) -> None:
+    rows, cfg = result["rows"], result["config"]
+    floor = math.sqrt(2 / (math.pi * cfg["draws"]))
+    lines = [
+        "# SNR of IWAE and DReG gradients against K (VAE, binarized MNIST)",
+        "",
+        f"Command: `{cfg['command']}`. Frozen `vae` (40 latents, 400 hidden, mean-field guide) "
+        f"trained {cfg['train_minutes']} CPU min with `Trace_ELBO` (best-validation "
+        f"checkpoint, step {cfg.get('best_step')}, validation −ELBO "
+        f"{_fmt(cfg.get('best_valid_loss'))}); {cfg['draws']} gradient draws per cell on "
+        f"one batch of {cfg['batch']} test images (`fixed_subset(test, seed 0)`). "
+        f"`mean` = mean per-coordinate SNR |ḡ_i|/sd_i (noise floor for a zero-mean coordinate "
+        f"≈ {floor:.3f}); `norm` = signal norm over noise norm, noise share removed.",
+        "",
+        "| K | iwae guide mean | iwae guide norm | dreg guide mean | dreg guide norm "
+        "| iwae model mean | iwae model norm | dreg model mean | dreg model norm |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    by = {(r["estimator"], r["K"]): r for r in rows}
+    for k in cfg["ks"]:
+        cells = [_fmt(by[(n, k)][g][key]) if (n, k) in by else "–"
+                 for g in GROUPS for n in ESTIMATORS for key in ("mean_snr", "norm_snr")]
+        lines.append(f"| {k} | " + " | ".join(cells) + " |")
+    lines += ["", "Slopes of log SNR against log K (least squares over all K):", "",
+              "| estimator | group | SNR | measured slope | published rate |",
+              "|---|---|---|---|---|"]
+    for s in result["slopes"]:
+        pub = {None: "– (not stated)", -0.5: "−1/2 (Rainforth et al. 2018)",
+               0.5: "+1/2 (Rainforth et al. 2018)"}[s["published"]]
+        if s["estimator"] == "dreg" and s["group"] == "guide":
+            pub = "does not fall (Tucker et al. 2018, Fig. 1)"
+        lines.append(f"| {s['estimator']} | {s['group']} | {s['key']} | "
+                     f"{_fmt(s['slope'], 3)} | {pub} |")
+    path.write_text("\n".join(lines) + "\n")
+
+
+def plot(result: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = result["rows"]
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharex=True)
+    for ax, key, title in zip(axes, ("mean_snr", "norm_snr"),
+                              ("mean per-coordinate SNR", "norm SNR (noise share removed)")):
+        for name, color in zip(ESTIMATORS, ("C0", "C3")):
+            for group, style in zip(GROUPS, ("-o", "--s")):
+                pts = [(r["K"], r[group][key]) for r in rows if r["estimator"] == name
+                       and 0 < r[group][key] < math.inf]
+                if pts:
+                    ax.plot(*zip(*pts), style, color=color, label=f"{name} {group}")
+        ks = result["config"]["ks"]
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xticks(ks, [str(k) for k in ks])
+        ax.set_xlabel("K (particles)")
+        ax.set_title(title, fontsize=9)
+        ax.grid(alpha=0.3, which="both")
+    axes[0].set_ylabel("SNR")
+    axes[0].legend(fontsize=8)
+    fig.suptitle("IWAE vs DReG gradient SNR against K (VAE, binarized MNIST)", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--ks", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32, 64])
+    parser.add_argument("--draws", type=int, default=2000)
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--train-minutes", type=float, default=4.0)
+    parser.add_argument("--retrain", action="store_true")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", type=Path, default=OUT)
+    args = parser.parse_args(argv)
+    if any(k < 1 for k in args.ks) or args.draws < 2 or args.batch < 1:
+        parser.error("--ks must be positive integers, --draws >= 2, --batch >= 1")
+    args.out.mkdir(parents=True, exist_ok=True)
+    torch.set_num_threads(1)
+    t0 = time.process_time()
+    model, guide, run_dir = train_pair(args, args.out)
+    batch = torch.stack([x for x in fixed_subset(BinarizedMNIST("test"), args.batch)])
+    rows = measure(model, guide, batch, args)
+    best = torch.load(run_dir / "best.pt", map_location="cpu", weights_only=True)
+    command = "OMP_NUM_THREADS=1 python benchmarks/snr_vs_k.py" + (
+        f" --ks {' '.join(map(str, args.ks))} --draws {args.draws} --batch {args.batch} "
+        f"--train-minutes {args.train_minutes}")
+    result = {"config": {"ks": args.ks, "draws": args.draws, "batch": args.batch,
+                         "train_minutes": args.train_minutes, "seed": args.seed,
+                         "best_step": best["state"].get("best_step"),
+                         "best_valid_loss": best["state"].get("best_valid"),
+                         "command": command,
+                         "cpu_s": round(time.process_time() - t0, 1)},
+              "rows": rows}
+    result["slopes"] = slopes(rows)
+    (args.out / "results.json").write_text(json.dumps(result, indent=1))
+    write_markdown(result, args.out / "results.md")
+    plot(result, args.out / "snr_vs_k.png")
+    print((args.out / "results.md").read_text())
+
+
+if __name__ == "__main__":
+    main()
