@@ -33,12 +33,15 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from pyro_seqlatent.guides import FlowGuide, MeanFieldGuide
+from pyro_seqlatent.guides import FlowGuide, HamiltonianGuide, LangevinGuide, MeanFieldGuide
 from pyro_seqlatent.nn import MLP
 from pyro_seqlatent.registry import ModelSpec, register_model
 
 LIKELIHOODS = ("bernoulli", "gaussian")
 GUIDES = ("meanfield", "planar", "radial", "iaf", "iaf_gated", "nice", "real_nvp")
+# guides whose flow follows the model's gradient (pyro_seqlatent.guides.hamiltonian): a
+# mean-field VAEGuide moved by K = num_flows Hamiltonian (HVAE) or annealed Langevin steps
+MODEL_FLOWS = ("hamiltonian", "langevin")
 
 
 class Decoder(nn.Module):
@@ -292,8 +295,13 @@ def build(options: dict) -> tuple[VAE, VAEGuide]:
     model = VAE(dim, options["latent_dim"], hidden, "bernoulli",
                 weight_prior_scale=options["weight_prior_scale"] if map_mode else None,
                 num_data=num_train if map_mode else None)
-    guide = VAEGuide(dim, options["latent_dim"], hidden, options["guide"], options["num_flows"],
+    kind = options["guide"]
+    guide = VAEGuide(dim, options["latent_dim"], hidden,
+                     "meanfield" if kind in MODEL_FLOWS else kind, options["num_flows"],
                      model=model, map_decoder=map_mode)
+    if kind in MODEL_FLOWS:
+        wrapper = HamiltonianGuide if kind == "hamiltonian" else LangevinGuide
+        guide = wrapper(model, guide, options["latent_dim"], steps=options["num_flows"])
     return model, guide
 
 
@@ -358,7 +366,7 @@ def plot(model: VAE, guide: VAEGuide, data: dict, options: dict, out_dir) -> lis
     with torch.no_grad():
         device = next(model.parameters()).device
         x = torch.stack([data["test"][i] for i in range(16)]).to(device)
-        z = guide.site(guide.encoder(x)).sample()
+        z = pyro.poutine.trace(guide).get_trace(x).nodes["z"]["value"]  # any guide's draw
         recon = model.observation(z).base_dist.probs
         panels = [("test images", x), ("reconstructions (mean of p(x|z), z ~ q(z|x))", recon),
                   ("samples (mean of p(x|z), z ~ p(z))", model.generate(16))]
@@ -416,13 +424,14 @@ register_model(ModelSpec(
     option_help={
         "latent_dim": "size of z",
         "hidden_dims": "comma-separated hidden sizes of encoder and decoder",
-        "guide": f"site guide for z: one of {', '.join(GUIDES)}",
-        "num_flows": "K, the number of flows of a flow guide",
+        "guide": f"site guide for z: one of {', '.join(GUIDES + MODEL_FLOWS)} (the last two: "
+                 "a mean-field guide moved by the model's gradient, K = num_flows steps)",
+        "num_flows": "K, the number of flows of a flow guide (leapfrog / Langevin steps)",
         "weight_prior_scale": "> 0: MAP mode with N(0, s^2) priors on decoder weights",
         "train_limit": "use only the first N training images (0: all 50,000)",
         "valid_limit": "use only the first N validation images (0: all 10,000)",
         "data": "your own binary vectors or images: a .npz or .pt file with x (N, D) or (N, "
                 "H, W) in {0, 1} (docs/own-data.md); '': binarized MNIST",
     },
-    option_choices={"guide": list(GUIDES)},
+    option_choices={"guide": list(GUIDES + MODEL_FLOWS)},
 ))

@@ -1,4 +1,5 @@
-"""Normalizing flows as Pyro transforms: NICE, RealNVP, planar, radial and IAF.
+"""Normalizing flows as Pyro transforms: NICE, RealNVP, planar, radial and IAF; and the
+discretised infinitesimal flows (Hamiltonian, annealed Langevin) driven by a target's gradient.
 
 Each flow comes in three layers, as in Pyro: ``ConditionedX`` holds the math for given
 parameters, ``X`` (a :class:`~pyro.distributions.torch_transform.TransformModule`) owns learnable
@@ -27,6 +28,12 @@ from pyro_seqlatent.transforms.coupling import (
     vector_mask,
 )
 from pyro_seqlatent.transforms.factory import FLOW_KINDS, conditional_flow_stack, flow_stack
+from pyro_seqlatent.transforms.hamiltonian import (
+    HamiltonianFlow,
+    LangevinFlow,
+    leapfrog,
+    quadratic_tempering,
+)
 from pyro_seqlatent.transforms.iaf import IAF, ConditionalIAF, ConditionedIAF, conditional_iaf, iaf
 from pyro_seqlatent.transforms.logistic import Logistic, standard_logistic
 from pyro_seqlatent.transforms.planar import (
@@ -62,7 +69,9 @@ __all__ = [
     "ConditionedRadial",
     "DiagonalScaling",
     "Flow",
+    "HamiltonianFlow",
     "ImageAffineCoupling",
+    "LangevinFlow",
     "Logistic",
     "Planar",
     "Radial",
@@ -75,8 +84,10 @@ __all__ = [
     "flow_stack",
     "iaf",
     "image_mask",
+    "leapfrog",
     "nice",
     "planar",
+    "quadratic_tempering",
     "radial",
     "real_nvp",
     "soft_clamp",
