@@ -151,7 +151,8 @@ def main(argv=None) -> dict:
     pyro.set_rng_seed(0)
     model, guide, x = make_pair(one_hot=str(args.one_hot))
     batch = x[:50]
-    stats = compare_estimators(model, guide, batch, num_draws=draws, num_particles=k)
+    stats = compare_estimators(model, guide, batch, num_draws=draws, num_particles=k,
+                               warmup=20 if args.quick else None)
     report = write_report(args.out, "Estimators on a Gaussian mixture", stats,
                           notes=f"{draws} draws per estimator on 50 points; K = {k}.")
     print(f"ran: {', '.join(stats)}")

@@ -39,7 +39,7 @@ DISCRETE_ONLY = {n for n, s in ESTIMATORS.items() if s.sites == "discrete"}
 
 def test_default_lab_on_a_continuous_model(tmp_path):
     model, guide, x = _normal_normal()
-    res = compare_estimators(model, guide, x, num_draws=5, num_particles=3)
+    res = compare_estimators(model, guide, x, num_draws=5, num_particles=3, warmup=2)
     assert set(res) == set(ESTIMATORS) - DISCRETE_ONLY
     assert set(res.skipped) == DISCRETE_ONLY
     assert "vimco would equal iwae" in res.skipped["vimco"]
@@ -62,7 +62,7 @@ def test_default_lab_on_a_flow_guided_model_notes_the_monte_carlo_kl(tmp_path):
                 return self.site.sample("z", x)
 
     _, _, x = _linear_flow()
-    res = compare_estimators(model, Guide(), x, num_draws=4, num_particles=2)
+    res = compare_estimators(model, Guide(), x, num_draws=4, num_particles=2, warmup=2)
     assert {"reparam", "analytic_kl", "score", "stl", "iwae", "dreg"} <= set(res)
     assert any("Monte-Carlo KL at 'z'" in n for n in res.notes["analytic_kl"])
     text = write_report(tmp_path, "flow", res).read_text()
@@ -72,7 +72,7 @@ def test_default_lab_on_a_flow_guided_model_notes_the_monte_carlo_kl(tmp_path):
 @pytest.mark.parametrize("case", ["mixture", "chain"])
 def test_default_lab_on_a_discrete_model(tmp_path, case):
     model, guide, x = mixture_case() if case == "mixture" else chain_case()
-    res = compare_estimators(model, guide, x, num_draws=4, num_particles=3)
+    res = compare_estimators(model, guide, x, num_draws=4, num_particles=3, warmup=2)
     assert set(res.skipped) >= REPARAM_ONLY  # analytic_kl, stl, iwae, dreg: with the reason
     assert "identically zero guide gradient" in res.skipped["iwae"]
     assert {"reparam", "score", "vimco", "reinforce_loo", "enum"} <= set(res)

@@ -244,12 +244,13 @@ def _plan(names: list[str], model, guide, batch, out: EstimatorComparison) -> li
 
 def compare_estimators(model, guide, batch, estimators: Sequence[str] = tuple(ESTIMATORS), *,
                        num_draws: int = 200, num_particles: int = DEFAULT_IWAE_PARTICLES,
-                       groups=None, seed: int = 0, progress: bool = False
-                       ) -> EstimatorComparison:
+                       groups=None, seed: int = 0, progress: bool = False,
+                       warmup: int | None = None) -> EstimatorComparison:
     """:func:`gradient_stats` of each named estimator that applies to the pair, on the same
-    batch and parameters (multi-sample ones use ``num_particles``; baselines get their
-    ``warmup`` draws). Estimators that do not apply (or fail) are listed in ``.skipped`` with
-    the reason instead of stopping the comparison; ``.notes`` says where one is another."""
+    batch and parameters (multi-sample ones use ``num_particles``; baselines get their spec's
+    ``warmup`` draws, or ``warmup`` when given). Estimators that do not apply (or fail) are
+    listed in ``.skipped`` with the reason instead of stopping the comparison; ``.notes`` says
+    where one is another."""
     out = EstimatorComparison()
     for name in _plan(check_names(estimators), model, guide, batch, out):
         spec = ESTIMATORS[name]
@@ -258,7 +259,7 @@ def compare_estimators(model, guide, batch, estimators: Sequence[str] = tuple(ES
             print(f"  gradient stats: {name} ({num_draws} draws)", file=sys.stderr, flush=True)
         try:
             stats = gradient_stats(model, guide, batch, est, num_draws, groups=groups,
-                                   warmup=spec.warmup, seed=seed)
+                                   warmup=spec.warmup if warmup is None else warmup, seed=seed)
         except _FAILURES as err:
             out.skipped[name] = _first_line(err)
             continue

@@ -68,7 +68,7 @@ def _relaxable(fn) -> bool:
 def _has_kl(guide_fn, model_fn) -> bool:
     try:
         kl_divergence(guide_fn, model_fn)
-    except NotImplementedError:
+    except (NotImplementedError, ValueError, RuntimeError):  # none registered, or unusable
         return False
     return True
 
