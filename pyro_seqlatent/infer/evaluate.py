@@ -324,7 +324,9 @@ def evaluate(
     """:func:`log_marginal` over a whole dataset: mean and standard error of
     :math:`\\log\\hat p(x)` and of the ELBO per data point, plus the per-point values; for a pair
     with function-evaluation counters (:mod:`pyro_seqlatent.infer.nfe`), the evaluations of the
-    whole pass (``model_nfe_forward``, ``guide_nfe_forward``, ...; the counters are reset first)."""
+    whole pass (``model_nfe_forward``, ``guide_nfe_forward``, ...; the counters are reset first).
+    ``log_marginal_minus_elbo`` is the mean gap :math:`\\log\\hat p(x_n) - \\mathrm{ELBO}_n` with
+    its paired standard error."""
     loader = make_loader(data, batch_size=batch_size, collate_fn=collate_fn)
     devices = [torch.device(device)] if torch.device(device).type == "cuda" else []
     lls, elbos = [], []
@@ -364,6 +366,10 @@ def evaluate(
         "log_marginal_sem": sem(ll),
         "elbo": float(el.mean()),
         "elbo_sem": sem(el),
+        # what the guide loses against the posterior (≈ 0 also where the latent is unused:
+        # read it with infer.collapse's KL per dimension and active units)
+        "log_marginal_minus_elbo": float((ll - el).mean()),
+        "log_marginal_minus_elbo_sem": sem(ll - el),
         "log_marginal_per_point": ll,
         "elbo_per_point": el,
         **nfe_record(counters),
