@@ -51,3 +51,16 @@ def test_own_vae_with_amortized_autoguide(tmp_path):
     assert out["kind"] == "per_point" and out["steps"] == 5
     assert out["test_log_px"] >= out["test_elbo"] - 1e-3 and out["test_log_px"] > -800
     assert (tmp_path / "vae.png").stat().st_size > 1000
+
+
+def test_own_data_example_trains_each_family_from_files_and_arrays(tmp_path, capsys):
+    out = _example("own_data").main(["--quick", "--out", str(tmp_path)])
+    for key in ("vae_python_log_px", "vae_cli_log_px", "vrnn_log_px", "rnn_log_px",
+                "latent_ode_python_log_px", "latent_ode_cli_log_px"):
+        assert math.isfinite(out[key]), key
+    # no model beats the generator of the bars images (exact log p(x) by enumeration)
+    assert out["vae_python_log_px"] < out["bars_exact_log_px"] < 0
+    assert out["vrnn_steps"] == 10
+    printed = capsys.readouterr().out
+    assert "$ pyro-seqlatent train latent_ode --data" in printed
+    assert (tmp_path / "bars.npz").exists() and (tmp_path / "runs/vae/config.json").exists()
