@@ -76,7 +76,7 @@ def bias_table(stats: dict[str, GradientStats], reference: str = "enum") -> str 
     ref = stats.get(reference)
     if ref is None:
         return None
-    lines = ["| estimator | group | ‖E g − E g_enum‖ / ‖E g_enum‖ | max |Δ| / s.e. | note |",
+    lines = ["| estimator | group | ‖E g − E g_enum‖ / ‖E g_enum‖ | max \\|Δ\\| / s.e. | note |",
              "|---|---|---:|---:|---|"]
     for name, st in stats.items():
         if name == reference or st.extra.get("bound", "elbo") != "elbo":
