@@ -96,7 +96,8 @@ def bias_table(stats: dict[str, GradientStats], reference: str = "enum") -> str 
 
 def skipped_table(skipped: dict[str, str]) -> str:
     lines = ["| estimator | why it was not run |", "|---|---|"]
-    lines += [f"| {name} | {reason} |" for name, reason in skipped.items()]
+    lines += [f"| {name} | {reason.replace('|', chr(92) + '|')} |"
+              for name, reason in skipped.items()]
     return "\n".join(lines)
 
 
