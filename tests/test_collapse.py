@@ -309,3 +309,35 @@ def test_evaluate_reports_the_gap_between_the_is_log_likelihood_and_the_elbo():
     assert out["log_marginal_minus_elbo_sem"] == pytest.approx(
         float(diff.std() / math.sqrt(20)))
     assert out["log_marginal_minus_elbo"] > 5 * out["log_marginal_minus_elbo_sem"] > 0
+
+
+def test_the_diagnostics_change_nothing_a_run_computes_and_a_resume_may_turn_them_on(tmp_path):
+    """The diagnostics draw from a forked RNG in eval mode: a run with them has the losses of a
+    run without them, and resuming a run with ``collapse_every`` set is not refused."""
+    x = data(40)
+
+    def run(folder, steps, resume=False, **extra):
+        torch.manual_seed(0)
+        pyro.clear_param_store()
+        return train(Model(), _Trained(), x, valid_data=x[:20], num_steps=steps, valid_every=2,
+                     batch_size=10, run_dir=folder, resume=resume, checkpoint_every=2,
+                     progress=False, **extra)
+
+    plain = [r["loss"] for r in run(tmp_path / "plain", 6).history]
+    on = run(tmp_path / "on", 6, collapse_every=1).history
+    assert [r["loss"] for r in on] == plain and "collapse" in on[-1]
+    run(tmp_path / "resumed", 4)
+    resumed = run(tmp_path / "resumed", 6, resume=True, collapse_every=1).history
+    assert [r["loss"] for r in resumed] == plain and "collapse" in resumed[-1]
+
+
+class _Trained(Guide):
+    """The data-dependent guide with a trainable shift and scale (the loss moves)."""
+
+    def __init__(self):
+        super().__init__("normal")
+        self.log_scale = nn.Parameter(torch.zeros(D))
+
+    def distribution(self, x):
+        loc, scale = self.params(x)
+        return dist.Normal(loc, scale * self.log_scale.exp()).to_event(1)

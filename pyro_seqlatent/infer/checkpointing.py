@@ -56,7 +56,8 @@ RESUMABLE_CHANGES = frozenset({"num_steps", "num_epochs", "max_time_s", "progres
                                "checkpoint_every", "num_workers", "pyro_validation", "device",
                                "early_stopping_patience", "early_stopping_min_delta",
                                "divergence_factor", "ddp_timeout_s", "health_check_s",
-                               "lr", "clip_norm", "return_best"})
+                               "lr", "clip_norm", "return_best",
+                               "collapse_every"})
 #: the resumable settings that change what a run computes (the recovery of a diverged run);
 #: a resume that changes them is recorded in the checkpoint's ``state["resume_changes"]``
 RECOVERY_SETTINGS = ("lr", "clip_norm")
