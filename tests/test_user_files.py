@@ -28,6 +28,7 @@ TINY = {  # a few steps of tiny networks per system
     "ode_rnn": ["--hidden-dim", "8", "--ode-units", "8"],
     "rnn_dt": ["--hidden-dim", "8"],
     "flow_density": ["--hidden", "8", "--num-couplings", "2"],
+    "sbn": ["--hidden-dim", "4"],
 }
 
 
@@ -85,6 +86,11 @@ def test_images_with_labels_are_flattened_to_floats_and_split_with_a_seed(tmp_pa
     assert first != [int(other.splits["test"][i][1]) for i in range(3)]
     # without labels=True the items are the rows alone (what the VAE scores)
     assert torch.is_tensor(load_user_data(tmp_path / "img.npz", "vectors").splits["train"][0])
+    first = data.first(train=5, valid=0, test=None)
+    assert [len(first[s]) for s in ("train", "valid", "test")] == [5, 3, 3]
+    assert torch.equal(first["train"].tensors[1], data.splits["train"].tensors[1][:5])
+    with pytest.raises(ValueError, match="no split"):
+        data.first(validation=3)
 
 
 def test_split_keys_are_used_as_given(tmp_path):
@@ -188,7 +194,8 @@ def _write_family(tmp_path, family):
     return path
 
 
-SYSTEMS = [("vae", "vectors"), ("flow_density", "vectors"), ("vrnn", "sequences"),
+SYSTEMS = [("vae", "vectors"), ("flow_density", "vectors"), ("sbn", "vectors"),
+           ("vrnn", "sequences"),
            ("rnn", "sequences"), ("latent_ode", "irregular"), ("ode_rnn", "irregular"),
            ("rnn_dt", "irregular")]
 
@@ -206,7 +213,7 @@ def test_every_system_trains_and_evaluates_from_a_user_file_on_the_command_line(
     assert summary["steps"] == 2 and np.isfinite(summary["final_loss"])
     config = json.loads((run / "config.json").read_text())
     assert config["options"]["data"] == str(path.resolve())  # found again from anywhere
-    if system in ("vae", "flow_density", "vrnn", "latent_ode"):
+    if system in ("vae", "flow_density", "sbn", "vrnn", "latent_ode"):
         monkeypatch.chdir("/")
         assert main(["evaluate", str(run), "--num-samples", "3", "--split", "valid"]) == 0
         scores = json.loads((run / "eval_valid_K3.json").read_text())

@@ -596,6 +596,27 @@ class UserData:
         """The ``{"train", "valid", "test"}`` dict a ``ModelSpec.datasets`` returns."""
         return dict(self.splits)
 
+    def first(self, **limits: int | None) -> dict[str, Dataset]:
+        """:meth:`datasets` with only the first ``n`` examples of each split named
+        (``first(train=1000, valid=200)``; 0 or ``None``: all of it), as the ``train_limit``
+        options of the built-in data sets."""
+        unknown = set(limits) - set(SPLITS)
+        if unknown:
+            raise ValueError(f"first(): no split(s) {sorted(unknown)}; use {SPLITS}")
+        out = self.datasets()
+        for split, n in limits.items():
+            if n:
+                out[split] = _first(out[split], int(n))
+        return out
+
+
+def _first(data: Dataset, n: int) -> Dataset:
+    if isinstance(data, VectorDataset):
+        return VectorDataset(*(t[:n] for t in data.tensors))
+    if isinstance(data, SequenceDataset):
+        return SequenceDataset(data.sequences[:n], data.name)
+    return IrregularDataset(data.items[:n])
+
 
 _CACHE: dict[tuple, UserData] = {}
 

@@ -79,10 +79,10 @@ def train_system(
     datasets)``.
 
     Your own data: the option ``data`` (``--data FILE`` on the command line) of the systems
-    that take one (``vae``, ``flow_density``, ``vrnn``, ``rnn``, ``latent_ode``, ``ode_rnn``,
-    ``rnn_dt``) names a
-    ``.npz`` / ``.pt`` file (:mod:`pyro_seqlatent.data.user_files`, docs/own-data.md); it is
-    stored as an absolute path, and ``evaluate_run`` / ``load_run`` read the same file.
+    that take one (``vae``, ``sbn``, ``flow_density``, ``vrnn``, ``rnn``, ``latent_ode``,
+    ``ode_rnn``, ``rnn_dt``) names a ``.npz`` / ``.pt`` file
+    (:mod:`pyro_seqlatent.data.user_files`, docs/own-data.md); it is stored as an absolute
+    path, and ``evaluate_run`` / ``load_run`` read the same file.
     """
     spec = get_model(name)
     options = spec.options(**_absolute_data(options or {}))

@@ -35,7 +35,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from pyro_seqlatent.models.vae import prepare_images
+from pyro_seqlatent.models.vae import prepare_images, user_data
 from pyro_seqlatent.nn import MLP
 from pyro_seqlatent.registry import ModelSpec, register_model
 
@@ -128,11 +128,16 @@ def _hidden(text: str) -> tuple[int, ...]:
 
 def build(options: dict) -> tuple[SBN, SBNGuide]:
     hidden = int(options["hidden_dim"])
-    return (SBN(784, hidden),
-            SBNGuide(784, hidden, _hidden(options["guide_hidden"])))
+    user = user_data(options)
+    dim = user.dim if user else 784
+    return (SBN(dim, hidden),
+            SBNGuide(dim, hidden, _hidden(options["guide_hidden"])))
 
 
 def datasets(options: dict, root=None) -> dict:
+    user = user_data(options)
+    if user is not None:  # your own binary vectors or images (docs/own-data.md)
+        return user.first(train=options["train_limit"], valid=options["valid_limit"])
     from pyro_seqlatent.data.mnist import BinarizedMNIST
 
     return {"train": BinarizedMNIST("train", root, limit=options["train_limit"] or None),
@@ -141,14 +146,17 @@ def datasets(options: dict, root=None) -> dict:
 
 
 def generate(model: SBN, num_samples: int, options: dict) -> torch.Tensor:
-    return model.generate(num_samples).reshape(num_samples, 28, 28)
+    user = user_data(options)
+    shape = user.item_shape if user else (28, 28)
+    return model.generate(num_samples).reshape(num_samples, *shape)
 
 
 register_model(ModelSpec(
     name="sbn",
     build=build,
     datasets=datasets,
-    defaults={"hidden_dim": 200, "guide_hidden": "", "train_limit": 0, "valid_limit": 2000},
+    defaults={"hidden_dim": 200, "guide_hidden": "", "train_limit": 0, "valid_limit": 2000,
+              "data": ""},
     elbo="TraceGraph_ELBO",
     generate=generate,
     train_defaults={"batch_size": 20, "lr": 3e-4, "valid_every": 1000},
@@ -160,5 +168,7 @@ register_model(ModelSpec(
                         "as NVIL's SBN recognition model)",
         "train_limit": "use only the first N training images (0: all 50,000)",
         "valid_limit": "use only the first N validation images (0: all 10,000)",
+        "data": "your own binary vectors or images: a .npz or .pt file with x (N, D) or (N, "
+                "H, W) in {0, 1} (docs/own-data.md); '': binarized MNIST",
     },
 ))

@@ -315,20 +315,10 @@ def user_data(options: dict):
     return load_user_data(options["data"], "vectors", binary=True)
 
 
-def _limited(splits: dict, options: dict) -> dict:
-    """``train_limit`` / ``valid_limit`` applied to the splits of a user file."""
-    from pyro_seqlatent.data.user_files import VectorDataset
-
-    for split, key in (("train", "train_limit"), ("valid", "valid_limit")):
-        if options[key]:
-            splits[split] = VectorDataset(*(t[:options[key]] for t in splits[split].tensors))
-    return splits
-
-
 def datasets(options: dict, root=None) -> dict:
     user = user_data(options)
     if user is not None:
-        return _limited(user.datasets(), options)
+        return user.first(train=options["train_limit"], valid=options["valid_limit"])
     from pyro_seqlatent.data.mnist import BinarizedMNIST
 
     limit = options["train_limit"] or None
