@@ -130,3 +130,25 @@ def test_the_benchmark_merges_baseline_rows_into_a_table_without_training(tmp_pa
     assert "--baselines-only" in rows["locf"]["command"]
     table = (tmp_path / "results.md").read_text()
     assert "| linear_interp |" in table and "| locf |" in table and "| latent_ode |" in table
+
+
+def test_the_demo_report_sets_the_latent_ode_beside_its_baselines():
+    from pyro_seqlatent.experiments.report import _forecast_lines, forecast_baselines
+    from pyro_seqlatent.models.forecast_metrics import predictive_mse
+    from pyro_seqlatent.models.latent_ode import DATA_DEFAULTS, system_datasets
+    from pyro_seqlatent.registry import get_model
+
+    spec = get_model("latent_ode")
+    options = {**DATA_DEFAULTS, "dataset": "periodic", "task": "interp", "n_series": 20,
+               "recipe": "code"}
+    test = system_datasets(options)["test"]
+    model, guide = spec.build(spec.options(**options, latent_dim=2, hidden_dim=4,
+                                           ode_units=4, method="euler"))
+    row = forecast_baselines(model, guide, test, spec)["forecast_mse"]
+    for kind in ("persistence", "locf", "linear_interp"):
+        assert row[kind] == baseline_mse(test, "ours", kind)["test_mse"]
+    torch.manual_seed(0)
+    assert row["model"] == pytest.approx(predictive_mse(model, guide, test))
+    assert forecast_baselines(model, guide, test, get_model("vae")) == {}
+    line = _forecast_lines([{"model": "latent_ode", "forecast_mse": row}])[-1]
+    assert line.startswith("| latent_ode | ") and f"{row['linear_interp']:.4g} |" in line

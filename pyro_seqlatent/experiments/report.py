@@ -190,6 +190,40 @@ def per_step_figures(data, spec, metrics: dict, options: dict) -> dict:
             "per_step_anchor": PER_STEP_ANCHORS.get(options.get("dataset", ""))}
 
 
+def forecast_baselines(model, guide, data, spec) -> dict:
+    """For an irregular-series system (``union_grid_collate``: the Latent ODE family), the test
+    MSE of its posterior-predictive mean on the scored entries (pooled over observations,
+    :func:`~pyro_seqlatent.models.forecast_metrics.predictive_mse`) beside the baselines that
+    need no training (:data:`~pyro_seqlatent.models.forecast_metrics.BASELINES`: persistence,
+    LOCF, linear interpolation) on the same series; ``{}`` for other systems."""
+    from pyro_seqlatent.data.irregular import union_grid_collate
+    from pyro_seqlatent.models.forecast_metrics import BASELINES, baseline_mse, predictive_mse
+
+    if spec.collate_fn is not union_grid_collate:
+        return {}
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        mse = {"model": predictive_mse(model, guide, data)}
+    mse.update({kind: baseline_mse(data, "ours", kind)["test_mse"] for kind in BASELINES})
+    return {"forecast_mse": mse}
+
+
+def _forecast_lines(rows: list[dict]) -> list[str]:
+    rows = [r for r in rows if "forecast_mse" in r]
+    if not rows:
+        return []
+    lines = ["", "Irregular series: test MSE on the scored entries (pooled over observations) of "
+             "the model's posterior-predictive mean and of the baselines without training, on "
+             "the same test series (docs/latent_ode.md, Baselines without training).", "",
+             "| model | model MSE | persistence | LOCF | linear interpolation |",
+             "|---|---|---|---|---|"]
+    for r in rows:
+        m = r["forecast_mse"]
+        lines.append(f"| {r['model']} | {m['model']:.4g} | {m['persistence']:.4g} | "
+                     f"{m['locf']:.4g} | {m['linear_interp']:.4g} |")
+    return lines
+
+
 def _per_step_lines(rows: list[dict]) -> list[str]:
     seq = [r for r in rows if "test_steps" in r]
     if not seq:
@@ -302,7 +336,7 @@ def run_demo(out: Path, models: list[str] | None = None, data_root: str | None =
                  "model's unit counts when it is active at some step); log p(x) − ELBO: the "
                  "gap between the importance-sampled log-likelihood and the ELBO "
                  "(pyro_seqlatent.infer.collapse).")
-    lines += _per_step_lines(rows)
+    lines += _per_step_lines(rows) + _forecast_lines(rows)
     warned = [r for r in rows if r.get("collapse_warning")]
     if warned:
         lines += ["", "**Warnings.**", ""]
@@ -353,6 +387,7 @@ def _demo_system(name: str, spec, out: Path, data_root: str | None, device: str)
         row.update(test_points=metrics["num_points"], K=metrics["num_samples"],
                    test_elbo=metrics["elbo"], test_log_px=metrics["log_marginal"])
         row.update(per_step_figures(test, spec, metrics, spec.options(**options)))
+    row.update(forecast_baselines(model, guide, test, spec))
     collapse, diag = collapse_row(model, guide, test, spec, metrics, device)
     row.update(collapse)
     figures = [plot_learning_curve(run_dir, title=f"{name}: learning curve")]
