@@ -374,8 +374,9 @@ def _cmd_evaluate(args) -> int:
     out = evaluate_run(args.run_dir, split=args.split, num_samples=args.num_samples,
                        max_points=args.max_points, batch_size=args.batch_size,
                        device=args.device, data_root=args.data_root, seed=args.seed,
-                       progress=True)
-    path = Path(args.run_dir) / f"eval_{args.split}_K{args.num_samples}.json"
+                       progress=True, data=args.data)
+    source = f"{Path(args.data).stem}_" if args.data else ""
+    path = Path(args.run_dir) / f"eval_{source}{args.split}_K{args.num_samples}.json"
     path.write_text(json.dumps(out, indent=2))
     print(json.dumps(out, indent=2))
     return 0
@@ -432,8 +433,11 @@ def build_parser() -> argparse.ArgumentParser:
                    add_help=False)
     ev = sub.add_parser("evaluate", help="importance-sampled log p(x) and ELBO of a run")
     ev.add_argument("run_dir")
-    ev.add_argument("--split", default="test", choices=["train", "valid", "test"],
-                    help="which split (default: test)")
+    ev.add_argument("--split", default="test", choices=["train", "valid", "test", "all"],
+                    help="which split, or all three (default: test)")
+    ev.add_argument("--data", default=None, metavar="FILE",
+                    help="score this file of yours instead of the run's data, read as the "
+                    "run's own (docs/own-data.md); writes eval_<file>_<split>_K<n>.json")
     ev.add_argument("--num-samples", type=int, default=1000,
                     help="importance samples K per data point (default: 1000)")
     ev.add_argument("--max-points", type=int, default=None,

@@ -221,6 +221,27 @@ def test_every_system_trains_and_evaluates_from_a_user_file_on_the_command_line(
             scores["elbo"] - 1e-3
 
 
+def test_evaluate_scores_another_file_with_a_trained_run(tmp_path, capsys):
+    x, _ = _images(60)
+    np.savez(tmp_path / "a.npz", x=x[:40])
+    np.savez(tmp_path / "b.npz", x=x[40:])  # 20 images the run never saw
+    run = tmp_path / "run"
+    assert main(["train", "vae", "--data", str(tmp_path / "a.npz"), *TINY["vae"],
+                 "--num-steps", "20", "--batch-size", "10", "--run-dir", str(run)]) == 0
+    scores = {}
+    for split in ("train", "valid", "test", "all"):
+        assert main(["evaluate", str(run), "--data", str(tmp_path / "b.npz"), "--split", split,
+                     "--num-samples", "20"]) == 0
+        scores[split] = json.loads((run / f"eval_b_{split}_K20.json").read_text())
+    parts = [scores[s] for s in ("train", "valid", "test")]
+    assert [p["num_points"] for p in parts] == [16, 2, 2] and scores["all"]["num_points"] == 20
+    # the whole file's mean is the size-weighted mean of its splits' (Monte Carlo: 4 SEM)
+    pooled = sum(p["log_marginal"] * p["num_points"] for p in parts) / 20
+    sem = scores["all"]["log_marginal_sem"]
+    assert abs(pooled - scores["all"]["log_marginal"]) < 4 * max(sem, 0.05)
+    assert json.loads((run / "config.json").read_text())["options"]["data"].endswith("a.npz")
+
+
 def test_a_bad_file_is_one_line_on_the_command_line(tmp_path, capsys):
     np.savez(tmp_path / "gray.npz", x=RNG.integers(0, 256, (10, 4, 4)).astype(np.uint8))
     code = main(["train", "vae", "--data", str(tmp_path / "gray.npz"), "--num-steps", "1",

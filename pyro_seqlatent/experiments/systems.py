@@ -125,15 +125,40 @@ def run_summary(result) -> dict:
     return out
 
 
+def _run_datasets(run, data_root: str | None, data: str | None) -> dict:
+    """The run's splits; with ``data``, those of that file of yours, read with the run's own
+    options (docs/own-data.md)."""
+    if data is None:
+        return run.datasets(data_root)
+    if run.spec is None or "data" not in run.spec.defaults:
+        from pyro_seqlatent.data.user_files import UserDataError
+
+        raise UserDataError(f"data={data}: the run's system {run.extra.get('model')!r} does "
+                            "not read your files (docs/own-data.md)")
+    return run.spec.datasets({**run.options, **_absolute_data({"data": data})}, data_root)
+
+
 def evaluate_run(run_dir: str | Path, *, split: str = "test", num_samples: int = 1000,
                  max_points: int | None = None, batch_size: int = 100, device: str = "cpu",
-                 data_root: str | None = None, seed: int = 0, progress: bool = False) -> dict:
-    """Importance-sampled log-likelihood and ELBO of a trained run on one split
-    (``max_points``: a fixed random subset, :func:`~pyro_seqlatent.data.subsets.fixed_subset`)."""
+                 data_root: str | None = None, seed: int = 0, progress: bool = False,
+                 data: str | None = None) -> dict:
+    """Importance-sampled log-likelihood and ELBO of a trained run on one split, or on
+    ``split="all"`` of them (``max_points``: a fixed random subset,
+    :func:`~pyro_seqlatent.data.subsets.fixed_subset`). ``data``: score that file of yours
+    instead of the run's data (the same family and size of example; docs/own-data.md)."""
+    from torch.utils.data import ConcatDataset
+
     from pyro_seqlatent.data.subsets import fixed_subset
 
     run = load_run(run_dir, device=device)
-    data = fixed_subset(run.datasets(data_root)[split], max_points)
+    splits = _run_datasets(run, data_root, data)
+    if split == "all":
+        chosen = ConcatDataset([splits[s] for s in ("train", "valid", "test")])
+    elif split in splits:
+        chosen = splits[split]
+    else:
+        raise ValueError(f"split={split!r}: use one of {sorted(splits)} or 'all'")
+    data = fixed_subset(chosen, max_points)
     spec = run.spec
     out = evaluate(run.model, run.guide, data, num_samples=num_samples, batch_size=batch_size,
                    collate_fn=spec.collate_fn, batch_plate=spec.batch_plate, device=device,
