@@ -226,11 +226,14 @@ class HamiltonianGuide(ModelFlowGuide):
     r"""The wrapped guide's site followed by ``steps`` tempered leapfrog steps on
     :math:`\log p(x, z)` (HVAE; :class:`~pyro_seqlatent.transforms.hamiltonian.HamiltonianFlow`).
 
-    :param model: the model. :param guide: the wrapped guide (its site ``site`` is ``q_0``).
+    :param model: the model.
+    :param guide: the wrapped guide (its site ``site`` is ``q_0``).
     :param int latent_dim: size of the site's vector.
-    :param int steps: ``K``; :param float step_size: initial ``ε`` (learned per step and
-        coordinate); :param bool tempering: learn ``β_0`` (HVAE's quadratic schedule);
-        :param float init_beta0: its start. :param str site: the latent site.
+    :param int steps: ``K``.
+    :param float step_size: initial ``ε`` (learned per step and coordinate).
+    :param bool tempering: learn ``β_0`` (HVAE's quadratic schedule).
+    :param float init_beta0: its start.
+    :param str site: the latent site.
 
     Example::
 
@@ -258,9 +261,13 @@ class LangevinGuide(ModelFlowGuide):
     moving point, which the wrapped site gives through its own ``log_prob`` (closed form for a
     mean-field site; a flow site inverts its flows).
 
-    :param int latent_dim: size of the site's vector; :param int steps: ``K``;
-    :param float step_size: initial ``ε``; :param bool anneal: learn the schedule
-    ``b_1 < … < b_K = 1``; :param str site: the latent site.
+    :param model: the model.
+    :param guide: the wrapped guide (its site ``site`` is ``q_0``).
+    :param int latent_dim: size of the site's vector.
+    :param int steps: ``K``.
+    :param float step_size: initial ``ε`` (learned per step and coordinate).
+    :param bool anneal: learn the schedule ``b_1 < … < b_K = 1``.
+    :param str site: the latent site.
     """
 
     def __init__(self, model: Callable, guide: Callable, latent_dim: int, steps: int = 4,
