@@ -90,7 +90,7 @@ from pyro_seqlatent.data.irregular import (
     union_grid_collate,
 )
 from pyro_seqlatent.data.periodic import make_periodic
-from pyro_seqlatent.experiments.report import plot_learning_curve
+from pyro_seqlatent.experiments.report import plot_collapse, plot_learning_curve
 from pyro_seqlatent.experiments.systems import train_system
 from pyro_seqlatent.infer.checkpoint import load_checkpoint
 from pyro_seqlatent.infer.run import load_run
@@ -429,6 +429,8 @@ def run_cell(name, cell, args, out_dir: Path) -> tuple[dict, dict]:
     }
     where = " ".join(str(v) for v in cell.values())  # e.g. "hopper extrap 0.2"
     figures = [plot_learning_curve(run_dir, title=f"{label}: {where} ({protocol})")]
+    collapse = plot_collapse(run_dir)  # with --train-options '{"collapse_every": 1}'
+    figures += [collapse] if collapse is not None else []
     if spec.plot is not None:
         figures += list(spec.plot(model, guide, datasets, spec.options(**options), run_dir))
     row["figures"] = [str(f) for f in figures]
