@@ -307,19 +307,25 @@ def _local_latents(guide_tr, model_tr) -> list[str]:
 
 def _accumulate(sums: dict, guide_tr, model_tr, weight: float, mean_samples: int,
                 first: bool) -> None:
-    for name in _local_latents(guide_tr, model_tr):
-        gs = guide_tr.nodes[name]
-        s = site_kl(gs, model_tr.nodes[name])
+    names = _local_latents(guide_tr, model_tr)
+    # every site's KL before any extra draw: a flow shared by the sites (the VRNN's IAF over
+    # time) keeps its cache of the trace's values until the means below draw from it
+    kls = {name: site_kl(guide_tr.nodes[name], model_tr.nodes[name]) for name in names}
+    for name in names:
         acc = sums.setdefault(name, _SiteSums())
-        acc.add_kl(s, weight)
+        acc.add_kl(kls[name], weight)
         if first:  # the guide's mean once per batch (at the first draw)
-            mean, noise = _guide_mean(gs, mean_samples)
-            event_dim = gs["fn"].event_dim
-            batch_dims = mean.dim() - event_dim
-            obs_full = s.mask.reshape(s.mask.shape + (1,) * event_dim).expand(mean.shape)
-            obs = _units(obs_full.double(), event_dim, batch_dims)
-            acc.add_mean(_units(mean, event_dim, batch_dims), None if noise is None else
-                         _units(noise, event_dim, batch_dims), obs)
+            _add_mean(acc, guide_tr.nodes[name], kls[name].mask, mean_samples)
+
+
+def _add_mean(acc: _SiteSums, site: dict, mask: torch.Tensor, mean_samples: int) -> None:
+    mean, noise = _guide_mean(site, mean_samples)
+    event_dim = site["fn"].event_dim
+    batch_dims = mean.dim() - event_dim
+    obs_full = mask.reshape(mask.shape + (1,) * event_dim).expand(mean.shape)
+    obs = _units(obs_full.double(), event_dim, batch_dims)
+    acc.add_mean(_units(mean, event_dim, batch_dims),
+                 None if noise is None else _units(noise, event_dim, batch_dims), obs)
 
 
 def _summarise(sums: dict, num_points: int, num_samples: int, kl_threshold: float,
