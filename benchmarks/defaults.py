@@ -10,7 +10,8 @@ trainer logs) and three figures of it:
 * ``rises``: how many validations were above the one before (a smooth curve has few);
 * ``worst_rise``: the largest rise of a validation above the best one before it,
   :math:`\max_i \bigl(v_i - \min_{j<i} v_j\bigr)` (0 for a curve that never goes back up),
-  in the loss's units.
+  in the loss's units, and the same relative to that best, :math:`\max_i (v_i - b_i)/|b_i|`
+  with :math:`b_i = \min_{j<i} v_j` (``worst_rise_rel``: 1.0 means the loss doubled).
 
 Every row names all its model options and training settings that differ from the registry's, so
 a row means the same thing after the registered defaults change: ``latent_ode-*`` rows differ
@@ -65,13 +66,15 @@ ROWS = {
 def curve_figures(valid: list[float]) -> dict:
     """``best``, ``last``, ``rises`` and ``worst_rise`` of a validation curve (module doc)."""
     if not valid:
-        return {"best": None, "last": None, "rises": 0, "worst_rise": 0.0}
+        return {"best": None, "last": None, "rises": 0, "worst_rise": 0.0, "worst_rise_rel": 0.0}
     rises = sum(1 for a, b in zip(valid, valid[1:]) if b > a)
-    worst, best = 0.0, valid[0]
+    worst, relative, best = 0.0, 0.0, valid[0]
     for v in valid[1:]:
         worst = max(worst, v - best)
+        relative = max(relative, (v - best) / abs(best)) if best else relative
         best = min(best, v)
-    return {"best": min(valid), "last": valid[-1], "rises": rises, "worst_rise": worst}
+    return {"best": min(valid), "last": valid[-1], "rises": rises, "worst_rise": worst,
+            "worst_rise_rel": relative}
 
 
 def command(row: str, args) -> str:
@@ -97,18 +100,21 @@ def run_row(row: str, args) -> dict:
 
 def markdown(rows: list[dict]) -> str:
     lines = ["| row | system | changed settings | steps / CPU s | validations | best valid | "
-             "last valid | rises | worst rise | command |",
+             "last valid | rises | worst rise (relative) | command |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         changed = {**r["options"], **r["train_settings"]}
+        f = curve_figures([v for _, v in r["curve"]])  # rows stored before a figure existed too
         lines.append(
             f"| {r['row']} | {r['system']} | `{json.dumps(changed)}` | {r['steps']} / "
-            f"{r['cpu_s']:.0f} | {len(r['curve'])} | {r['best']:.3f} | {r['last']:.3f} | "
-            f"{r['rises']} | {r['worst_rise']:.3f} | `{r['command']}` |")
+            f"{r['cpu_s']:.0f} | {len(r['curve'])} | {f['best']:.1f} | {f['last']:.1f} | "
+            f"{f['rises']} | {f['worst_rise']:.1f} ({f['worst_rise_rel']:.0%}) | "
+            f"`{r['command']}` |")
     lines += ["", "Validation loss: the negative ELBO per data point (a series for the Latent "
               "ODE, a sequence for the VRNN), β = 1, scored by the trainer every "
               "`--valid-every` steps; rises: validations above the one before; worst rise: the "
-              "largest excess of a validation over the best one before it."]
+              "largest excess of a validation over the best one before it (relative: over "
+              "|that best|)."]
     return "\n".join(lines) + "\n"
 
 
@@ -144,7 +150,14 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--valid-every", type=int, default=25)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/defaults"))
+    parser.add_argument("--table", action="store_true",
+                        help="only redraw results.md and curves.png from results.json")
     args = parser.parse_args(argv)
+    if args.table:
+        results = json.loads((args.out / "results.json").read_text())
+        (args.out / "results.md").write_text(markdown(results))
+        plot(results, args.out / "curves.png")
+        return results
     rows = list(ROWS) if args.rows == "all" else args.rows.split(",")
     unknown = set(rows) - set(ROWS)
     if unknown:
