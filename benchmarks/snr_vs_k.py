@@ -7,15 +7,16 @@ falls as :math:`O(1/\sqrt K)` while the generative network's (model's) rises as
 :math:`O(\sqrt K)`; and of Tucker et al. 2018: the doubly-reparameterized gradient (DReG) of the
 same bound keeps the guide's SNR from falling (it rises with K too).
 
-Set-up: the registered ``vae`` system (40 latents, 400 hidden units, mean-field guide) on
-statically binarized MNIST, trained for ``--train-minutes`` CPU minutes with ``Trace_ELBO``
-(best-validation checkpoint), then frozen. At those parameters, for K in ``--ks`` and each of
-``iwae`` and ``dreg`` (``make_estimator(name, K)``), :func:`gradient_stats` draws
-``--draws`` independent gradients on one fixed batch of ``--batch`` test images
-(``fixed_subset(test, seed 0)``), per parameter group (``guide`` = encoder, ``model`` =
-decoder):
+Set-up: the registered ``vae`` system (``--latent-dim`` latents, default 40; 400 hidden units;
+mean-field guide) on statically binarized MNIST, trained for ``--train-minutes`` CPU minutes
+with ``Trace_ELBO`` (best-validation checkpoint), then frozen. At those parameters, for K in
+``--ks`` and each of ``iwae`` and ``dreg`` (``make_estimator(name, K)``),
+:func:`gradient_stats` draws ``--draws`` independent gradients on one fixed batch of
+``--batch`` test images (``fixed_subset(test, seed 0)``), per parameter group (``guide`` =
+encoder, ``model`` = decoder):
 
-* ``mean_snr``: the mean over coordinates of :math:`|\bar g_i|/\sqrt{v_i}` (the lab's SNR);
+* ``mean_snr``: the mean over coordinates of :math:`|\bar g_i|/\sqrt{v_i}` (the lab's SNR;
+  coordinates with no variance, such as weights of never-active ReLU units, left out);
   its noise floor for a coordinate whose true mean is zero is
   :math:`\sqrt{2/(\pi N)}` (N draws), written to the table;
 * ``norm_snr``: :math:`\sqrt{\max(\lVert\bar g\rVert^2 - \sum_i v_i/N, 0)} / \sqrt{\sum_i
@@ -59,7 +60,8 @@ def train_pair(args, out: Path):
     """The frozen VAE: trained once (``--train-minutes`` CPU minutes), reused when present."""
     run_dir = out / "vae_runs" / "meanfield"
     if not (run_dir / "best.pt").exists() or args.retrain:
-        train_system("vae", {"latent_dim": 40, "hidden_dims": "400", "valid_limit": 1000},
+        train_system("vae", {"latent_dim": args.latent_dim, "hidden_dims": "400",
+                             "valid_limit": 1000},
                      run_dir, num_epochs=100, batch_size=100, lr=1e-3, clip_norm=100.0,
                      valid_every=250, max_time_s=args.train_minutes * 60,
                      time_budget="process", seed=0, progress=False)
@@ -67,6 +69,18 @@ def train_pair(args, out: Path):
     for p in list(run.model.parameters()) + list(run.guide.parameters()):
         p.requires_grad_(True)
     return run.model, run.guide, run_dir
+
+
+def coordinate_snr(group) -> dict:
+    """Mean and median over coordinates of :math:`|\\bar g_i|/\\sqrt{v_i}`, over the coordinates
+    whose variance is positive in float32 (a coordinate with no variance, e.g. a weight of a
+    ReLU unit that is never active, would give 0/0 or an infinite ratio), and how many there
+    were."""
+    keep = group.var > 0
+    snr = group.mean[keep].abs() / group.var[keep].sqrt()
+    return {"mean_snr": float(snr.mean()) if snr.numel() else math.nan,
+            "median_snr": float(snr.median()) if snr.numel() else math.nan,
+            "coordinates": int(keep.sum())}
 
 
 def norm_snr(group) -> float:
@@ -88,12 +102,8 @@ def measure(model, guide, batch, args) -> list[dict]:
                    "cpu_s": round(time.process_time() - t0, 1), "loss": stats.loss_mean}
             for group in GROUPS:
                 g = stats.groups[group]
-                summary = g.summary()
-                row[group] = {"mean_snr": summary["mean_snr"],
-                              "median_snr": summary["median_snr"],
-                              "norm_snr": norm_snr(g),
-                              "mean_variance": summary["mean_variance"],
-                              "flag": g.flag}
+                row[group] = {**coordinate_snr(g), "norm_snr": norm_snr(g),
+                              "mean_variance": g.summary()["mean_variance"], "flag": g.flag}
             rows.append(row)
             print(f"{name} K={k}: guide {row['guide']['mean_snr']:.4g} / "
                   f"{row['guide']['norm_snr']:.4g}, model {row['model']['mean_snr']:.4g} / "
@@ -129,7 +139,8 @@ def write_markdown(result: dict, path: Path) -> None:
     lines = [
         "# SNR of IWAE and DReG gradients against K (VAE, binarized MNIST)",
         "",
-        f"Command: `{cfg['command']}`. Frozen `vae` (40 latents, 400 hidden, mean-field guide) "
+        f"Command: `{cfg['command']}`. Frozen `vae` ({cfg.get('latent_dim', 40)} latents, 400 "
+        "hidden, mean-field guide) "
         f"trained {cfg['train_minutes']} CPU min with `Trace_ELBO` (best-validation "
         f"checkpoint, step {cfg.get('best_step')}, validation −ELBO "
         f"{_fmt(cfg.get('best_valid_loss'))}); {cfg['draws']} gradient draws per cell on "
@@ -173,8 +184,11 @@ def plot(result: dict, path: Path) -> None:
             for group, style in zip(GROUPS, ("-o", "--s")):
                 pts = [(r["K"], r[group][key]) for r in rows if r["estimator"] == name
                        and 0 < r[group][key] < math.inf]
+                hollow = name == "iwae" and group == "model"  # drawn under dreg's: same numbers
                 if pts:
-                    ax.plot(*zip(*pts), style, color=color, label=f"{name} {group}")
+                    ax.plot(*zip(*pts), style, color=color, label=f"{name} {group}",
+                            markersize=11 if hollow else 6,
+                            markerfacecolor="none" if hollow else color)
         ks = result["config"]["ks"]
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
@@ -184,7 +198,8 @@ def plot(result: dict, path: Path) -> None:
         ax.grid(alpha=0.3, which="both")
     axes[0].set_ylabel("SNR")
     axes[0].legend(fontsize=8)
-    fig.suptitle("IWAE vs DReG gradient SNR against K (VAE, binarized MNIST)", fontsize=10)
+    fig.suptitle("IWAE vs DReG gradient SNR against K (VAE, binarized MNIST); the model "
+                 "(decoder) gradients of iwae and dreg are the same estimator", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -196,13 +211,21 @@ def main(argv=None) -> None:
     parser.add_argument("--draws", type=int, default=2000)
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--train-minutes", type=float, default=4.0)
+    parser.add_argument("--latent-dim", type=int, default=40)
     parser.add_argument("--retrain", action="store_true")
+    parser.add_argument("--table", action="store_true",
+                        help="only rewrite results.md and the figure from results.json")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=OUT)
     args = parser.parse_args(argv)
     if any(k < 1 for k in args.ks) or args.draws < 2 or args.batch < 1:
         parser.error("--ks must be positive integers, --draws >= 2, --batch >= 1")
     args.out.mkdir(parents=True, exist_ok=True)
+    if args.table:
+        result = json.loads((args.out / "results.json").read_text())
+        write_markdown(result, args.out / "results.md")
+        plot(result, args.out / "snr_vs_k.png")
+        return
     torch.set_num_threads(1)
     t0 = time.process_time()
     model, guide, run_dir = train_pair(args, args.out)
@@ -211,8 +234,11 @@ def main(argv=None) -> None:
     best = torch.load(run_dir / "best.pt", map_location="cpu", weights_only=True)
     command = "OMP_NUM_THREADS=1 python benchmarks/snr_vs_k.py" + (
         f" --ks {' '.join(map(str, args.ks))} --draws {args.draws} --batch {args.batch} "
-        f"--train-minutes {args.train_minutes}")
-    result = {"config": {"ks": args.ks, "draws": args.draws, "batch": args.batch,
+        f"--train-minutes {args.train_minutes}"
+        + (f" --latent-dim {args.latent_dim}" if args.latent_dim != 40 else "")
+        + (f" --out {args.out}" if args.out != OUT else ""))
+    result = {"config": {"ks": args.ks, "latent_dim": args.latent_dim, "draws": args.draws,
+                         "batch": args.batch,
                          "train_minutes": args.train_minutes, "seed": args.seed,
                          "best_step": best["state"].get("best_step"),
                          "best_valid_loss": best["state"].get("best_valid"),
