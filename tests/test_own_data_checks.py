@@ -188,3 +188,32 @@ def test_irregular_items_train_without_a_collate_fn():
                    progress=False)
     assert result.step == 2 and all(torch.isfinite(torch.tensor(r["loss"]))
                                     for r in result.history)
+
+
+def test_evaluate_batches_ragged_sequences_with_the_models_collate_fn():
+    """evaluate(), like train(), falls back on model.collate_fn: ragged sequences score without
+    a collate_fn and equal the scores with pad_collate given explicitly."""
+    from pyro_seqlatent.infer import evaluate
+
+    pyro.clear_param_store()
+    torch.manual_seed(0)
+    model, guide = build_vrnn(3, z_dim=2, h_dim=4, feature_dim=4, hidden_dim=4)
+    data = SequenceDataset(jsb_like((5, 3, 4, 2)))
+    implicit = evaluate(model, guide, data, num_samples=4, batch_size=4, seed=1)
+    explicit = evaluate(model, guide, data, num_samples=4, batch_size=4, seed=1,
+                        collate_fn=pad_collate)
+    assert len(implicit["log_marginal_per_point"]) == 4
+    torch.testing.assert_close(torch.as_tensor(implicit["log_marginal_per_point"]),
+                               torch.as_tensor(explicit["log_marginal_per_point"]))
+
+
+def test_run_summary_says_which_state_train_handed_back():
+    from pyro_seqlatent.experiments.systems import run_summary
+
+    pyro.clear_param_store()
+    model, guide = build_vrnn(3, z_dim=2, h_dim=4, feature_dim=4, hidden_dim=4)
+    data = SequenceDataset(jsb_like((5, 3, 4, 2)))
+    result = train(model, guide, data, valid_data=data, num_steps=4, valid_every=2,
+                   batch_size=4, return_best=True, progress=False)
+    summary = run_summary(result)
+    assert summary["state"] == "best" and summary["best_step"] in (2, 4)

@@ -113,7 +113,8 @@ def run_summary(result) -> dict:
 
     out = {"run_dir": str(result.run_dir), "steps": result.step,
            "final_loss": result.final_loss, "best_valid": result.best_valid,
-           "stopped": result.stopped, "wall_time_s": round(result.wall_time_s, 1),
+           "state": result.state, "best_step": result.best_step, "stopped": result.stopped,
+           "wall_time_s": round(result.wall_time_s, 1),
            "processes": world()[1]}
     last = next((r["collapse"] for r in reversed(result.history) if "collapse" in r), None)
     if last is not None:

@@ -326,7 +326,10 @@ def evaluate(
     with function-evaluation counters (:mod:`pyro_seqlatent.infer.nfe`), the evaluations of the
     whole pass (``model_nfe_forward``, ``guide_nfe_forward``, ...; the counters are reset first).
     ``log_marginal_minus_elbo`` is the mean gap :math:`\\log\\hat p(x_n) - \\mathrm{ELBO}_n` with
-    its paired standard error."""
+    its paired standard error. Without ``collate_fn`` the model's own (``model.collate_fn``,
+    as :func:`~pyro_seqlatent.infer.train` does) batches the data."""
+    if collate_fn is None:
+        collate_fn = getattr(model, "collate_fn", None)
     loader = make_loader(data, batch_size=batch_size, collate_fn=collate_fn)
     devices = [torch.device(device)] if torch.device(device).type == "cuda" else []
     lls, elbos = [], []
