@@ -229,11 +229,14 @@ def _binary_batch(n=40, dim=20):
     return (torch.rand(n, dim) < 0.3).float()
 
 
-@pytest.mark.parametrize("wrapper", [HamiltonianGuide, LangevinGuide])
-def test_both_flows_train_inside_a_vae_guide_with_train(wrapper, tmp_path):
+@pytest.mark.parametrize("wrapper,base", [(HamiltonianGuide, "meanfield"),
+                                          (LangevinGuide, "meanfield"),
+                                          (HamiltonianGuide, "iaf")])  # IAF, then leapfrog
+def test_both_flows_train_inside_a_vae_guide_with_train(wrapper, base, tmp_path):
     data = _binary_batch()
     model = VAE(data_dim=20, latent_dim=2, hidden_dims=(16,))
-    guide = wrapper(model, VAEGuide(data_dim=20, latent_dim=2, hidden_dims=(16,)), 2, steps=2)
+    site_guide = VAEGuide(data_dim=20, latent_dim=2, hidden_dims=(16,), guide=base, num_flows=2)
+    guide = wrapper(model, site_guide, 2, steps=2)
     before = guide.flow.log_step_size.detach().clone()
     result = train(model, guide, data, num_steps=20, batch_size=20, lr=0.01, progress=False,
                    run_dir=str(tmp_path / "run"), seed=0)
