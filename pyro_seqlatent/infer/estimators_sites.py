@@ -38,6 +38,7 @@ from pyro.contrib.zuko import ZukoToPyro
 from pyro.distributions.torch_distribution import ExpandedDistribution, MaskedDistribution
 from pyro.distributions.util import scale_and_mask, sum_rightmost
 from pyro.poutine.messenger import Messenger
+from pyro.poutine.util import site_is_subsample
 from torch.distributions import ComposeTransform, Independent, TransformedDistribution
 from torch.distributions.transforms import _InverseTransform
 
@@ -192,11 +193,12 @@ class ScoreFunctionMessenger(Messenger):
     def _process_message(self, msg: dict) -> None:
         if msg["type"] != "sample" or msg["is_observed"]:
             return
-        new_fn = as_score_function(msg["fn"])
-        if new_fn is msg["fn"]:
+        if site_is_subsample(msg):
             return
-        msg["fn"] = new_fn
-        if self.baseline is not None:
+        msg["fn"] = as_score_function(msg["fn"])
+        # the baseline goes to every site scored by the score function: the continuous ones
+        # just made so and those that were discrete to begin with (Bernoulli, Categorical)
+        if self.baseline is not None and not msg["fn"].has_rsample:
             options = self.baseline(msg)
             if options:
                 msg["infer"] = {**msg.get("infer", {}), "baseline": options}
