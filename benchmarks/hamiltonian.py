@@ -16,18 +16,15 @@ Two measurements, then a report:
   ``langevin-K4``), trained and scored exactly as ``benchmarks/vae_mnist.py``'s rows
   (``vae_mnist.run_row``; best-validation checkpoint, ``fixed_subset`` of the test set,
   importance sampling with ``--num-samples``). The mean-field and IAF rows of the same budget are
-  run by ``vae_mnist.py`` itself with ``--out benchmarks/results/hamiltonian/vae_mnist_runs/base``.
+  trained by the same ``--mnist40`` (``--mnist40 meanfield iaf-K4``; see ``row_dir``).
 * ``--report``: ``results.{json,md}`` and ``hamiltonian.png`` from the saved rows, with the
   60-minute rows of ``benchmarks/results/vae_mnist.json`` beside the new ones.
 
 Commands (one thread each, CPU-time budgets)::
 
-    OMP_NUM_THREADS=1 python benchmarks/vae_mnist.py --minutes 15 --num-samples 1000 \\
-        --test-points 1000 --rows meanfield --out benchmarks/results/hamiltonian/vae_mnist_runs/base
-    OMP_NUM_THREADS=1 python benchmarks/vae_mnist.py --minutes 15 --num-samples 1000 \\
-        --test-points 1000 --rows iaf-K4 --out benchmarks/results/hamiltonian/vae_mnist_runs/base
-    OMP_NUM_THREADS=1 python benchmarks/hamiltonian.py --mnist40 hamiltonian-K4 --minutes 15
-    OMP_NUM_THREADS=1 python benchmarks/hamiltonian.py --mnist40 langevin-K4 --minutes 15
+    OMP_NUM_THREADS=1 python benchmarks/hamiltonian.py --mnist40 meanfield iaf-K4 \\
+        hamiltonian-K4 langevin-K4 --minutes 8
+    OMP_NUM_THREADS=1 python benchmarks/hamiltonian.py --cost
     OMP_NUM_THREADS=1 python benchmarks/hamiltonian.py --two-d
     python benchmarks/hamiltonian.py --report
 
