@@ -56,3 +56,30 @@ def test_baseline_lowers_the_guide_variance_at_a_discrete_site(name):
                            warmup=ESTIMATORS[name].warmup, seed=0)
     ratio = based.groups["guide"].var.sum() / plain.groups["guide"].var.sum()
     assert ratio < 0.6, ratio
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+def test_neural_baseline_takes_a_batch_of_one_data_point(batch):
+    """TraceGraph_ELBO squeezes a size-1 plate out of the downstream cost (shape ``()`` for one
+    data point); the neural baseline is shaped the same way, so a batch of one trains instead
+    of stopping at Pyro's "Expected baseline at site h to be () instead got [1]"."""
+    torch.manual_seed(0)
+    w = torch.randn(4, 5) * 0.5
+
+    def model(x):
+        with pyro.plate("data", x.shape[0]):
+            h = pyro.sample("h", dist.Bernoulli(logits=torch.zeros(4)).to_event(1))
+            pyro.sample("x", dist.Bernoulli(logits=h @ w).to_event(1), obs=x)
+
+    def guide(x):
+        a = pyro.param("a", torch.full((5, 4), 0.1))
+        with pyro.plate("data", x.shape[0]):
+            pyro.sample("h", dist.Bernoulli(logits=x @ a).to_event(1))
+
+    pyro.clear_param_store()
+    x = torch.tensor([[1.0, 0.0, 1.0, 1.0, 0.0]]).expand(batch, 5)
+    estimator = make_estimator("score_nn_baseline")
+    loss = estimator.loss_and_grads(model, guide, x)
+    grad = pyro.param("a").unconstrained().grad
+    assert torch.isfinite(torch.as_tensor(loss)) and grad is not None
+    assert torch.isfinite(grad).all() and grad.abs().sum() > 0

@@ -107,6 +107,15 @@ def default_baseline_input(args: tuple, kwargs: dict, batch_shape: torch.Size) -
     return x.reshape(*batch_shape, -1).to(torch.get_default_dtype())
 
 
+def _leading_ones_squeezed(value: torch.Tensor) -> torch.Tensor:
+    """``value`` without its leading size-1 dims: the shape ``TraceGraph_ELBO`` gives the
+    downstream cost it compares a baseline with (``MultiFrameTensor.sum_to`` squeezes them,
+    so a plate of one data point has a cost of shape ``()``)."""
+    while value.dim() and value.shape[0] == 1:
+        value = value.squeeze(0)
+    return value
+
+
 class BaselineScoreFunctionELBO(TraceGraph_ELBO):
     """Score-function estimator with a per-site baseline (``TraceGraph_ELBO``).
 
@@ -145,7 +154,8 @@ class BaselineScoreFunctionELBO(TraceGraph_ELBO):
             else:
                 self._optimizer.add_param_group({"params": list(net.parameters())})
         net = self.baselines[key]
-        return {"nn_baseline": lambda inp: net(inp).squeeze(-1), "nn_baseline_input": x}
+        return {"nn_baseline": lambda inp: _leading_ones_squeezed(net(inp).squeeze(-1)),
+                "nn_baseline_input": x}
 
     def _wrap(self, guide, args, kwargs):
         self._call = (args, kwargs)
