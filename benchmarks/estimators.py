@@ -1,7 +1,8 @@
 """Benchmark of the ELBO gradient estimators (issue 5): variance, SNR and ELBO vs wall time.
 
-Runs ``pyro-seqlatent compare-estimators`` on the binarized-MNIST VAE and on the Latent ODE (the
-sequence model with a continuous latent), and writes under ``benchmarks/results/estimators/``:
+Runs ``pyro-seqlatent compare-estimators`` on the binarized-MNIST VAE, on the sigmoid belief
+network (discrete latents), on the VRNN (JSB) and on the Latent ODE (a sequence model with a
+continuous latent), and writes under ``benchmarks/results/estimators/``:
 
 * ``<system>/estimators.md``: estimator × parameter group → mean variance, ratio to the
   reparameterized estimator, median/mean SNR, ms per draw; then steps and seconds to reach a
@@ -44,6 +45,11 @@ SYSTEMS = {
                  batch_size=20, pretrain_steps=60, num_draws=30, train_steps=60, eval_every=20,
                  lr=3e-3, estimators="reparam,analytic_kl,score,stl,iwae,dreg"),
 }
+# The discrete-latent system: every estimator is tried; those that need reparameterizable
+# sites (and enum, 2^200 configurations) are listed as not run, with the reason.
+SYSTEMS["sbn"] = dict(model="sbn", option=["train_limit=10000", "valid_limit=1000"],
+                      batch_size=50, pretrain_steps=500, num_draws=100, train_steps=500,
+                      eval_every=50, lr=1e-3)
 QUICK = dict(pretrain_steps=100, num_draws=30, train_steps=100, eval_every=25)
 
 

@@ -1,6 +1,7 @@
-"""Sigmoid belief network (one layer of 200 binary units) on statically binarized MNIST, trained
-with each discrete-latent estimator for the same CPU time: test -log p(x) and the guide's
-gradient variance and SNR along training, beside the published NVIL and VIMCO figures.
+"""Sigmoid belief network (one, or with ``--layers``, more layers of 200 binary units) on
+statically binarized MNIST, trained with each discrete-latent estimator for the same CPU time:
+test -log p(x) and the guide's gradient variance and SNR along training, beside the published
+NVIL and VIMCO figures.
 
 Every row trains the registered ``sbn`` system (``pyro_seqlatent.models.sbn``: linear
 recognition model, as NVIL's SBN) from the same seed and the same initial parameters (decoder
@@ -23,6 +24,8 @@ parameters. Then:
         --out /tmp/sbn                                                         # smoke test
     python benchmarks/sbn.py --table          # rewrite results.md from results.json
     OMP_NUM_THREADS=1 python benchmarks/sbn.py --rescore vimco-K5 --num-samples 5000
+    OMP_NUM_THREADS=1 python benchmarks/sbn.py --layers 2 --rows vimco-K5 --minutes 20 \\
+        --out benchmarks/results/sbn/deep                            # 200H-200H-784V
 
 Rows are merged into ``benchmarks/results/sbn/results.json`` by name, so several invocations
 (``--rows``, one per core) may run at once. Run folders (``sbn_runs/<row>/``, with
@@ -81,6 +84,27 @@ IS_NOTE = ("Our -log p(x) uses {samples} importance samples per image on {points
            "the gap is the estimator's (`--rescore ROW --num-samples N` measures it).")
 
 
+PUBLISHED_DEEP: dict[int, dict[str, tuple[str, float]]] = {}  # layers -> row -> figure
+PUBLISHED_NOTES_DEEP: dict[int, tuple[str, ...]] = {}
+
+
+def _layers(rows: list[dict]) -> int:
+    layers = {r.get("layers", 1) for r in rows}
+    if len(layers) > 1:
+        raise SystemExit(f"rows of different depths {sorted(layers)} in one results.json: "
+                         "give each depth its own --out")
+    return layers.pop() if layers else 1
+
+
+def _model_label(rows: list[dict]) -> str:
+    return "–".join(["200H"] * _layers(rows) + ["784V"])
+
+
+def _published(row: dict) -> dict:
+    layers = row.get("layers", 1)
+    return PUBLISHED if layers == 1 else PUBLISHED_DEEP.get(layers, {})
+
+
 def _row_settings(name: str) -> tuple[str, int]:
     if name not in ROWS:
         raise SystemExit(f"unknown row {name!r}; choose from {list(ROWS)}")
@@ -100,8 +124,8 @@ def build_pair(args, train_data):
     """The ``sbn`` pair of every row: same seed, decoder bias at the marginal log-odds."""
     load_builtin_models()
     spec = get_model("sbn")
-    options = spec.options(hidden_dim=args.hidden_dim, guide_hidden=args.guide_hidden,
-                           valid_limit=args.valid_points)
+    options = spec.options(hidden_dim=args.hidden_dim, layers=args.layers,
+                           guide_hidden=args.guide_hidden, valid_limit=args.valid_points)
     pyro.clear_param_store()
     pyro.set_rng_seed(args.seed)
     model, guide = spec.build(options)
@@ -162,6 +186,7 @@ def run_row(name: str, args, out: Path) -> dict:
            "best_step": result.best_step,
            "train_cpu_s": round(result.budget_time_s, 1), "wall_s": round(wall, 1),
            "minutes": args.minutes, "lr": args.lr, "batch_size": args.batch_size,
+           "layers": args.layers,
            "biased": spec_est.biased, "bound": spec_est.bound}
     row.update(score(model, guide, args))
     batch = torch.stack(list(fixed_subset(BinarizedMNIST("valid"), 50, seed=1)))
@@ -176,7 +201,9 @@ def run_row(name: str, args, out: Path) -> dict:
     row["run_dir"] = str(run_dir)
     row["command"] = (f"OMP_NUM_THREADS=1 python benchmarks/sbn.py --rows {name} --minutes "
                       f"{args.minutes} --num-samples {args.num_samples} --test-points "
-                      f"{args.test_points} --draws {args.draws}")
+                      f"{args.test_points} --draws {args.draws}"
+                      + (f" --layers {args.layers}" if args.layers != 1 else "")
+                      + (f" --out {args.out}" if args.out != OUT else ""))
     return row
 
 
@@ -225,7 +252,8 @@ def write_markdown(rows: list[dict], path: Path) -> None:
     draws = min((r["gradients"][0].get("draws", 300) for r in rows), default=300)
     floor = f"{math.sqrt(2 / (math.pi * draws)):.3f}"
     lines = [
-        "# Sigmoid belief network (SBN 200) on binarized MNIST: estimators at equal CPU time",
+        f"# Sigmoid belief network ({_model_label(rows)}) on binarized MNIST: estimators at "
+        "equal CPU time",
         "",
         "Test −log p(x) by importance sampling (nats, mean ± s.e. over the test subset; lower "
         "is better) at each row's best-validation parameters. Guide gradient of the row's own "
@@ -241,7 +269,7 @@ def write_markdown(rows: list[dict], path: Path) -> None:
     ]
     for r in rows:
         g0, g1 = r["gradients"][0]["guide"], r["gradients"][-1]["guide"]
-        pub = PUBLISHED.get(r["row"])
+        pub = _published(r).get(r["row"])
         gap = f"{r['test_nll'] - pub[1]:+.1f}" if pub else "–"
         bias = " (biased)" if r.get("biased") else ""
         bias += " (see notes)" if r.get("note") else ""
@@ -254,7 +282,8 @@ def write_markdown(rows: list[dict], path: Path) -> None:
             f"{f'{pub[1]} ({pub[0]})' if pub else '–'} | {gap} |")
     samples = sorted({r["num_samples"] for r in rows})
     points = sorted({r["test_points"] for r in rows})
-    lines += ["", "Published figures:", ""] + [f"* {n}" for n in PUBLISHED_NOTES] + [
+    notes = PUBLISHED_NOTES if _layers(rows) == 1 else PUBLISHED_NOTES_DEEP.get(_layers(rows), ())
+    lines += ["", "Published figures:", ""] + [f"* {n}" for n in notes] + [
         "* " + IS_NOTE.format(samples=" / ".join(map(str, samples)),
                               points=" / ".join(map(str, points)))]
     lines += ["", "Guide gradient along training (mean variance / median SNR / norm SNR; the "
@@ -298,6 +327,9 @@ def main(argv=None) -> None:
     parser.add_argument("--valid-every", type=int, default=2000)
     parser.add_argument("--draws", type=int, default=500)
     parser.add_argument("--hidden-dim", type=int, default=200)
+    parser.add_argument("--layers", type=int, default=1,
+                        help="stochastic layers of --hidden-dim units (2: 200H-200H-784V); "
+                        "write them to their own --out")
     parser.add_argument("--guide-hidden", default="")
     parser.add_argument("--batch-size", type=int, default=20)
     parser.add_argument("--lr", type=float, default=1e-3)
