@@ -11,7 +11,7 @@ continuous latent), and writes under ``benchmarks/results/estimators/``:
 
 Usage (data under ``$PYRO_SEQLATENT_DATA``)::
 
-    python benchmarks/estimators.py                 # both systems
+    python benchmarks/estimators.py                 # every system (vae, sbn, vrnn, latent_ode)
     python benchmarks/estimators.py --only vae --quick
 
 Timings are wall-clock on the machine that runs it: compare them only within one run.

@@ -28,6 +28,9 @@ compared with the published rates (-1/2 for the IWAE guide, +1/2 for the model).
 
     OMP_NUM_THREADS=1 python benchmarks/snr_vs_k.py                  # ~10 CPU minutes
     OMP_NUM_THREADS=1 python benchmarks/snr_vs_k.py --train-minutes 0.5 --draws 20 --ks 1 4
+    OMP_NUM_THREADS=1 python benchmarks/snr_vs_k.py --train-steps 300 --out DIR   # a stage
+    python benchmarks/snr_vs_k.py --stages DIR1 DIR2 ... --out DIR   # DIR/stages.md: the slopes
+                                                                    # and ESS/K of each stage
 
 Writes ``benchmarks/results/snr_vs_k/{results.json,results.md,snr_vs_k.png}``; the trained
 pair stays in ``benchmarks/results/snr_vs_k/vae_runs/`` (git-ignored).
@@ -57,7 +60,8 @@ PUBLISHED = {("iwae", "guide"): -0.5, ("iwae", "model"): 0.5, ("dreg", "model"):
 
 
 def train_pair(args, out: Path):
-    """The frozen VAE: trained once (``--train-minutes`` CPU minutes), reused when present."""
+    """The frozen VAE: trained once (``--train-minutes`` CPU minutes, or ``--train-steps``
+    steps into ``vae_runs/steps-N``), reused when present."""
     steps = getattr(args, "train_steps", None)
     run_dir = out / "vae_runs" / ("meanfield" if steps is None else f"steps-{steps}")
     if not (run_dir / "best.pt").exists() or args.retrain:
@@ -215,7 +219,8 @@ def write_stages(folders: list[Path], path: Path) -> None:
         cfg = result["config"]
         stage = (f"{cfg['train_steps']} steps" if cfg.get("train_steps")
                  else f"{cfg['train_minutes']} CPU min")
-        ess = next((sum(w["ess_over_k"]) / len(w["ess_over_k"]) for w in result["weights"]
+        ess = next((sum(w["ess_over_k"]) / len(w["ess_over_k"])
+                    for w in result.get("weights", [])
                     if w["K"] == 64), None)
         by = {(s["estimator"], s["group"], s["key"]): s["slope"] for s in result["slopes"]}
         cells = [f"{_fmt(by[(n, g, 'mean_snr')], 2)} / {_fmt(by[(n, g, 'norm_snr')], 2)}"

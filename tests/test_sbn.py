@@ -220,6 +220,23 @@ def test_two_layer_builds_from_options_and_refuses_bad_layers():
     model, guide = spec.build(spec.options(hidden_dim=5, layers=3))
     assert model.sites == ("h1", "h2", "h3") and len(guide.upward) == 2
     assert model.generate(4).shape == (4, 784)
+
+
+def test_two_layer_generate_draws_each_layer_from_the_one_above():
+    """Saturated weights pin every draw: top units all on, layer 2 copies them through U_2,
+    layer 1 negates through U_1, the pixels read layer 1. Decoding straight from the top
+    layer, or skipping a layer, gives the opposite pixels."""
+    model = SBN(3, 2, layers=3)
+    with torch.no_grad():
+        model.prior_logits.fill_(30.0)  # h3 = (1, 1)
+        model.between[1].weight.copy_(torch.eye(2) * 60)  # h2 = h3
+        model.between[1].bias.fill_(-30.0)
+        model.between[0].weight.copy_(-torch.eye(2) * 60)  # h1 = 1 - h2 = (0, 0)
+        model.between[0].bias.fill_(30.0)
+        model.decoder.weight.fill_(60.0)  # pixels on iff some h1 unit is on
+        model.decoder.bias.fill_(-30.0)
+    probs = model.generate(5)
+    assert torch.allclose(probs, torch.zeros(5, 3), atol=1e-6), probs
     with pytest.raises(ValueError, match="layers"):
         SBN(6, 3, layers=0)
     with pytest.raises(ValueError, match="log_marginal"):

@@ -20,8 +20,8 @@ run bottom-up), or an MLP with ``tanh`` hidden layers (``guide_hidden``).
 Train it with any estimator of :mod:`pyro_seqlatent.infer.estimators` that handles discrete
 sites (``score_nn_baseline``, ``score_avg_baseline``, ``vimco``, ``reinforce_loo``,
 ``concrete``); ``log_marginal`` / ``evaluate`` estimate :math:`\log p(x)` by importance sampling
-with the guide as proposal. :meth:`SBN.exact_log_marginal` sums over all :math:`2^H`
-configurations for a small ``H`` (a test reference).
+with the guide as proposal. :meth:`SBN.exact_log_marginal` sums over all :math:`2^{HL}`
+configurations for a few units (a test reference).
 
 Deeper variant (option ``layers``; :class:`SBN` gives the equations): ``L`` layers of ``H``
 units with sites ``"h1"`` (next to the pixels) ... ``"hL"`` (top), each layer a one-layer SBN
@@ -68,7 +68,7 @@ class SBN(nn.Module):
     :math:`h^{(L)} \sim \prod \mathrm{Bernoulli}(\sigma(b))`, :math:`h^{(l)} \mid h^{(l+1)}
     \sim \prod \mathrm{Bernoulli}(\sigma(U_l h^{(l+1)} + d_l))` and :math:`x \mid h^{(1)}
     \sim \prod \mathrm{Bernoulli}(\sigma(W h^{(1)} + c))` (the "200H–200H–784V" model of
-    the NVIL / VIMCO / Concrete papers for ``layers=2``).
+    Table 1 of Maddison, Mnih & Teh 2017, the Concrete paper, for ``layers=2``).
 
     :param int data_dim: pixels per image (D).
     :param int hidden_dim: binary hidden units per layer (H).
@@ -159,13 +159,14 @@ class SBNGuide(nn.Module):
     def forward(self, x: torch.Tensor, *labels) -> torch.Tensor:
         x = prepare_images(x, self.data_dim, "bernoulli", labels)
         with pyro.plate("data", x.shape[-2]):
-            logits = self.encoder(x)
+            logits, first = self.encoder(x), None
             for level, name in enumerate(self.sites):  # bottom-up
                 h = pyro.sample(name, dist.Bernoulli(logits=logits,
                                                      validate_args=False).to_event(1))
+                first = h if first is None else first
                 if level < len(self.upward):
                     logits = self.upward[level](h)
-            return h
+            return first  # h (h1 with more layers), as the model returns
 
 
 # ----------------------------------------------------------------------------- registration
@@ -217,7 +218,7 @@ register_model(ModelSpec(
                 "MNIST; train it with a discrete-latent estimator (score_nn_baseline, vimco, ...)",
     option_help={
         "hidden_dim": "binary hidden units H per layer (200 in the NVIL and VIMCO papers)",
-        "layers": "stochastic layers of hidden_dim units (2: the papers' 200H-200H-784V "
+        "layers": "stochastic layers of hidden_dim units (2: the Concrete paper's 200H-200H-784V "
                   "model; sites h1 ... hL from the pixels up)",
         "guide_hidden": "comma-separated tanh hidden sizes of the recognition MLP ('': linear, "
                         "as NVIL's SBN recognition model)",
