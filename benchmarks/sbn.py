@@ -299,6 +299,8 @@ def write_markdown(rows: list[dict], path: Path) -> None:
     lines += ["", "Published figures:", ""] + [f"* {n}" for n in notes] + [
         "* " + IS_NOTE.format(samples=" / ".join(map(str, samples)),
                               points=" / ".join(map(str, points)))]
+    lines += ["", "Learning curves (each row's own validation objective against CPU minutes): "
+              "![learning curves](curves.png)"]
     lines += ["", "Guide gradient along training (mean variance / median SNR / norm SNR; the "
               "mean per-coordinate SNR is not shown: coordinates whose gradient is nearly "
               "constant, e.g. saturated units under leave-one-out baselines, make it "
@@ -323,6 +325,46 @@ def write_markdown(rows: list[dict], path: Path) -> None:
         lines += ["", "Notes:", ""] + [f"* {r['row']}: {r['note']}" for r in notes]
     lines += ["", "Commands:", ""] + [f"* `{r['command']}`" for r in rows]
     path.write_text("\n".join(lines) + "\n")
+
+
+def plot_curves(rows: list[dict], path: Path) -> bool:
+    """``curves.png``: each row's validation objective (its own bound, nats per image: the
+    ELBO, or the K-sample bound for VIMCO, or the relaxed ELBO for Concrete) against CPU
+    minutes, read from the run folders' ``metrics.jsonl``; False when none is on disk."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    drawn = 0
+    for r in rows:
+        log = Path(r["run_dir"]) / "metrics.jsonl"
+        if not log.exists():
+            continue
+        points = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
+        points = [(p["time_s"] / 60, p["valid_loss"]) for p in points if "valid_loss" in p]
+        if points:
+            bound = {"elbo": "−ELBO", "iwae": f"−{r['K']}-sample bound"}.get(
+                r.get("bound"), f"−{r.get('bound')}")
+            bias = ", relaxed" if r.get("biased") else ""
+            ax.plot(*zip(*points), label=f"{r['row']} ({bound}{bias})")
+            drawn += 1
+    if not drawn:
+        plt.close(fig)
+        return False
+    ax.set_xlabel("CPU minutes (one thread)")
+    ax.set_ylabel("validation objective (nats per image)")
+    lows = [r["test_nll"] for r in rows]
+    ax.set_ylim(min(lows) - 5, min(lows) + 45)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    ax.set_title(f"SBN {_model_label(rows)}: each row's own objective on 1,000 validation "
+                 "images", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
 
 
 def _order(row: dict) -> int:
@@ -358,7 +400,9 @@ def main(argv=None) -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / "results.json"
     if args.table:
-        write_markdown(json.loads(path.read_text()), args.out / "results.md")
+        rows = json.loads(path.read_text())
+        write_markdown(rows, args.out / "results.md")
+        plot_curves(rows, args.out / "curves.png")
         return
     if path.exists() and not args.rescore:  # one depth per results folder, checked up front
         known = {r.get("layers", 1) for r in json.loads(path.read_text())}
@@ -376,6 +420,7 @@ def main(argv=None) -> None:
         rows = _results.merge_rows(path, [row], order=_order)
         with _results.locked(args.out / "results.md"):
             write_markdown(rows, args.out / "results.md")
+            plot_curves(rows, args.out / "curves.png")
         print(f"{name}: test -log p(x) {row['test_nll']:.2f} ± {row['test_nll_sem']:.2f}",
               flush=True)
 
