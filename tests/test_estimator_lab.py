@@ -130,6 +130,31 @@ def test_zero_and_non_finite_gradients_are_flagged_never_ranked(tmp_path):
         assert 1e-3 < lo and hi < 1e3, (key, lo, hi)
 
 
+def test_a_biased_estimators_bars_are_hatched_and_named(tmp_path, monkeypatch):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    stats = {"reparam": _stats([1.0, -2.0], [1.0, 4.0]), "concrete": _stats([1.0, 2.0],
+                                                                           [0.5, 0.5])}
+    stats["concrete"].extra["biased"] = True
+    fig, ax = plt.subplots()
+    values, labels = _bar_values(stats, "guide", "mean_variance")
+    _log_bars(ax, ["reparam", "concrete (biased)"], values, labels, "red", "v", [False, True])
+    assert [bar.get_hatch() for bar in ax.patches] == [None, "//"]
+    plt.close(fig)
+    # plot_stats names and hatches it in every panel
+    from pyro_seqlatent.infer import estimators_report
+
+    seen = []
+    monkeypatch.setattr(estimators_report, "_log_bars",
+                        lambda ax, names, *a: seen.append((names, a[-1])))
+    estimators_report.plot_stats(stats, tmp_path / "f.png")
+    assert seen and all(names == ["reparam", "concrete (biased)"] and biased == [False, True]
+                        for names, biased in seen)
+
+
 ROOT = Path(__file__).resolve().parent.parent
 
 

@@ -143,12 +143,17 @@ def _bar_values(stats: dict[str, GradientStats], group: str, key: str
 
 
 def _log_bars(ax, names: list[str], values: list[float], labels: list[str], color: str,
-              title: str) -> None:
+              title: str, biased: list[bool] | None = None) -> None:
     """Log-scale bars whose limits come from the finite positive values only; a flagged value
-    gets no bar and a label at the bottom instead (so 0 and inf never stretch the axis)."""
+    gets no bar and a label at the bottom instead (so 0 and inf never stretch the axis); a
+    biased estimator's bar is hatched."""
     finite = [v for v in values if math.isfinite(v) and v > 0]
     lo, hi = (min(finite) / 5, max(finite) * 5) if finite else (0.1, 10.0)
-    ax.bar(names, [v if math.isfinite(v) else 0.0 for v in values], color=color)
+    bars = ax.bar(names, [v if math.isfinite(v) else 0.0 for v in values], color=color)
+    for bar, is_biased in zip(bars, biased or []):
+        if is_biased:
+            bar.set_hatch("//")
+            bar.set_edgecolor("white")
     ax.set_yscale("log")
     ax.set_ylim(lo, hi)
     for i, label in enumerate(labels):
@@ -161,21 +166,23 @@ def _log_bars(ax, names: list[str], values: list[float], labels: list[str], colo
 
 def plot_stats(stats: dict[str, GradientStats], path: Path) -> Path:
     """Mean variance and median SNR per estimator and group on log axes; flagged values
-    (zero gradient, non-finite, exact) are labelled, not drawn."""
+    (zero gradient, non-finite, exact) are labelled, not drawn; biased estimators (e.g.
+    ``concrete``) are hatched and named so."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     groups = sorted({g for st in stats.values() for g in st.groups})
-    names = list(stats)
+    biased = [bool(st.extra.get("biased")) for st in stats.values()]
+    names = [f"{n} (biased)" if b else n for n, b in zip(stats, biased)]
     fig, axes = plt.subplots(2, len(groups), figsize=(4.2 * len(groups), 6.5), squeeze=False)
     for j, group in enumerate(groups):
         for row, (key, color, title) in enumerate((
                 ("mean_variance", "tab:red", f"{group}: mean gradient variance"),
                 ("median_snr", "tab:blue", f"{group}: median SNR |E g| / std g"))):
             values, labels = _bar_values(stats, group, key)
-            _log_bars(axes[row, j], names, values, labels, color, title)
+            _log_bars(axes[row, j], names, values, labels, color, title, biased)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
