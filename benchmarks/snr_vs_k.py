@@ -212,12 +212,14 @@ def write_stages(folders: list[Path], path: Path) -> None:
              "Each line is one frozen pair (`snr_vs_k.py` results folder). Slopes of log SNR "
              "against log K, mean per-coordinate / norm SNR; published: iwae guide −1/2, "
              "model +1/2, dreg guide does not fall.", "",
-             "| stage | best step | mean ESS/K at K = 64 | iwae guide | dreg guide | model |",
-             "|---|---|---|---|---|---|"]
+             "| stage | best step | validation −ELBO | mean ESS/K at K = 64 | iwae guide "
+             "| dreg guide | model |",
+             "|---|---|---|---|---|---|---|"]
     for folder in folders:
         result = json.loads((folder / "results.json").read_text())
         cfg = result["config"]
-        stage = (f"{cfg['train_steps']} steps" if cfg.get("train_steps")
+        steps = cfg.get("train_steps")
+        stage = (f"{steps} step{'s' if steps != 1 else ''}" if steps
                  else f"{cfg['train_minutes']} CPU min")
         ess = next((sum(w["ess_over_k"]) / len(w["ess_over_k"])
                     for w in result.get("weights", [])
@@ -225,7 +227,8 @@ def write_stages(folders: list[Path], path: Path) -> None:
         by = {(s["estimator"], s["group"], s["key"]): s["slope"] for s in result["slopes"]}
         cells = [f"{_fmt(by[(n, g, 'mean_snr')], 2)} / {_fmt(by[(n, g, 'norm_snr')], 2)}"
                  for n, g in (("iwae", "guide"), ("dreg", "guide"), ("iwae", "model"))]
-        lines.append(f"| {stage} | {cfg.get('best_step')} | {_fmt(ess, 3)} | "
+        lines.append(f"| {stage} | {cfg.get('best_step')} | "
+                     f"{_fmt(cfg.get('best_valid_loss'), 4)} | {_fmt(ess, 3)} | "
                      + " | ".join(cells) + " |")
     lines += ["", "Commands: " + "; ".join(
         f"`{json.loads((f / 'results.json').read_text())['config']['command']}`"
