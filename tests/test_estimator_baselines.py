@@ -29,24 +29,31 @@ def test_baseline_lowers_the_score_functions_guide_variance(name):
         assert "__baseline_avg_downstream_cost_z" in pyro.get_param_store().keys()
 
 
+def _bernoulli_layer(units: int, guide_bias: float):
+    """A layer of ``units`` binary units per data point (5 pixels each) in a data plate, as in a
+    sigmoid belief network, and a linear Bernoulli guide with the parameter ``"a"``."""
+    torch.manual_seed(0)
+    w = torch.randn(units, 5) * 0.5
+
+    def model(x):
+        with pyro.plate("data", x.shape[0]):
+            h = pyro.sample("h", dist.Bernoulli(logits=torch.zeros(units)).to_event(1))
+            pyro.sample("x", dist.Bernoulli(logits=h @ w).to_event(1), obs=x)
+
+    def guide(x):
+        a = pyro.param("a", torch.full((5, units), 0.1))
+        with pyro.plate("data", x.shape[0]):
+            pyro.sample("h", dist.Bernoulli(logits=x @ a + guide_bias).to_event(1))
+
+    return model, guide
+
+
 @pytest.mark.parametrize("name", ["score_avg_baseline", "score_nn_baseline"])
 def test_baseline_lowers_the_guide_variance_at_a_discrete_site(name):
     """A site that is discrete to begin with (a Bernoulli layer in a data plate, as in a
     sigmoid belief network) gets the baseline too: a baseline that is silently off gives the
     plain score function's variance (ratio 1)."""
-    torch.manual_seed(0)
-    w = torch.randn(6, 5) * 0.5
-
-    def model(x):
-        with pyro.plate("data", x.shape[0]):
-            h = pyro.sample("h", dist.Bernoulli(logits=torch.zeros(6)).to_event(1))
-            pyro.sample("x", dist.Bernoulli(logits=h @ w).to_event(1), obs=x)
-
-    def guide(x):
-        a = pyro.param("a", torch.full((5, 6), 0.1))
-        with pyro.plate("data", x.shape[0]):
-            pyro.sample("h", dist.Bernoulli(logits=x @ a - 0.2).to_event(1))
-
+    model, guide = _bernoulli_layer(units=6, guide_bias=-0.2)
     x = (torch.rand(8, 5, generator=torch.Generator().manual_seed(2)) > 0.5).float()
     pyro.clear_param_store()
     guide(x)
@@ -63,19 +70,7 @@ def test_neural_baseline_takes_a_batch_of_one_data_point(batch):
     """TraceGraph_ELBO squeezes a size-1 plate out of the downstream cost (shape ``()`` for one
     data point); the neural baseline is shaped the same way, so a batch of one trains instead
     of stopping at Pyro's "Expected baseline at site h to be () instead got [1]"."""
-    torch.manual_seed(0)
-    w = torch.randn(4, 5) * 0.5
-
-    def model(x):
-        with pyro.plate("data", x.shape[0]):
-            h = pyro.sample("h", dist.Bernoulli(logits=torch.zeros(4)).to_event(1))
-            pyro.sample("x", dist.Bernoulli(logits=h @ w).to_event(1), obs=x)
-
-    def guide(x):
-        a = pyro.param("a", torch.full((5, 4), 0.1))
-        with pyro.plate("data", x.shape[0]):
-            pyro.sample("h", dist.Bernoulli(logits=x @ a).to_event(1))
-
+    model, guide = _bernoulli_layer(units=4, guide_bias=0.0)
     pyro.clear_param_store()
     x = torch.tensor([[1.0, 0.0, 1.0, 1.0, 0.0]]).expand(batch, 5)
     estimator = make_estimator("score_nn_baseline")
