@@ -38,7 +38,7 @@ import textwrap
 from typing import Any
 
 from pyro_seqlatent.infer.config import LR_SCHEDULES, OPTIMIZERS, TrainConfig, settings
-from pyro_seqlatent.infer.elbos import ELBOS
+from pyro_seqlatent.infer.elbos import ELBOS, lab_estimators
 from pyro_seqlatent.registry import (
     IMPORT_ENV,
     ModelSpec,
@@ -58,7 +58,7 @@ SHOWN_SETTINGS = {
     "where it runs": ("device", "seed"),
 }
 _SETTING_CHOICES = {
-    "elbo": list(ELBOS),
+    "elbo": list(ELBOS) + list(lab_estimators()),
     "optimizer": sorted(OPTIMIZERS),
     "lr_schedule": [s for s in LR_SCHEDULES if s is not None],
     "time_budget": ["wall", "process"],

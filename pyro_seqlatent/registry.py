@@ -49,7 +49,8 @@ class ModelSpec:
         ``root`` is the data root (``None`` means ``$PYRO_SEQLATENT_DATA``).
     :param defaults: model/data options with their defaults; they become CLI flags.
     :param collate_fn: DataLoader collate function (default: torch's).
-    :param elbo: default ELBO class name (any of :data:`pyro_seqlatent.infer.ELBOS`).
+    :param elbo: default ELBO name (any of :data:`pyro_seqlatent.infer.ELBOS`, or of the
+        estimator lab such as ``"vimco"``).
     :param batch_plate: name of the plate over data points (used by ``log_marginal``).
     :param generate: ``generate(model, num_samples, options) -> Tensor`` for ``sample``.
     :param train_defaults: defaults for :func:`pyro_seqlatent.infer.train` (lr, batch_size, ...).

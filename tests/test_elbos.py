@@ -98,3 +98,37 @@ def test_vrnn_training_step_reads_the_host_a_fixed_number_of_times():
     assert short == long
     pyro_short, pyro_long = (reads_per_step(T, "Trace_ELBO", None) for T in (4, 12))
     assert pyro_long - pyro_short >= 2 * 8
+
+
+def test_the_estimator_labs_names_are_elbos_train_accepts():
+    """``make_elbo`` / ``train(elbo=...)`` / ``--elbo`` take the lab's estimators by name: a
+    VIMCO with the asked K trains the discrete latent of a model built here; unknown names
+    and keywords other than num_particles are refused by name."""
+    from pyro_seqlatent.infer.estimators_discrete import VIMCOELBO
+
+    elbo = make_elbo("vimco", num_particles=3)
+    assert isinstance(elbo, VIMCOELBO) and elbo.num_particles == 3
+    with pytest.raises(ValueError, match="only num_particles"):
+        make_elbo("reinforce_loo", vectorize_particles=True)
+    with pytest.raises(ValueError, match="estimator of the lab"):
+        make_elbo("vimcoo")
+    torch.manual_seed(0)
+    v = torch.tensor([1.5, -1.0, 0.5])
+
+    def model(x):
+        with pyro.plate("data", x.shape[-1]):
+            h = pyro.sample("h", dist.Bernoulli(logits=torch.zeros(3)).to_event(1))
+            pyro.sample("x", dist.Normal(h @ v, 1.0), obs=x)
+
+    def guide(x):
+        a = pyro.param("a", torch.zeros(3))
+        with pyro.plate("data", x.shape[-1]):
+            pyro.sample("h", dist.Bernoulli(logits=x.unsqueeze(-1) * a).to_event(1))
+
+    x = torch.tensor([0.4, -1.2, 2.0, 0.3])
+    pyro.clear_param_store()
+    result = train(model, guide, list(x), elbo="vimco", elbo_kwargs={"num_particles": 3},
+                   num_steps=5, batch_size=4, lr=0.05, progress=False, seed=0)
+    assert result.step == 5 and pyro.param("a").abs().sum() > 0  # the guide learned
+    with pytest.raises(ValueError, match="estimator of the lab"):
+        train(model, guide, list(x), elbo="vimcoo", num_steps=1, progress=False)

@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from pyro_seqlatent.infer.elbos import ELBOS
+from pyro_seqlatent.infer.elbos import check_elbo_name
 
 #: version of the ``train_config.json`` layout written by :meth:`TrainConfig.to_json`
 SCHEMA = 2
@@ -47,8 +47,8 @@ def _opt(default: Any = MISSING, help: str = "", factory: Any = MISSING):
 
 @dataclass
 class Optimization:
-    elbo: Any = _opt("Trace_ELBO", "a Pyro ELBO: a name of pyro_seqlatent.infer.ELBOS or an "
-                     "instance")
+    elbo: Any = _opt("Trace_ELBO", "a Pyro ELBO: a name of pyro_seqlatent.infer.ELBOS or of "
+                     "the estimator lab (vimco, reinforce_loo, ...), or an instance")
     elbo_kwargs: dict = _opt(help="keyword arguments of the ELBO (num_particles, ...)",
                              factory=dict)
     optimizer: str = _opt("adam", f"torch optimizer: one of {sorted(OPTIMIZERS)}")
@@ -286,9 +286,8 @@ def _validate_choices(cfg: TrainConfig) -> None:
                          "seconds) or 'process' (CPU seconds of this process)")
     if cfg.optim.optimizer not in OPTIMIZERS:
         raise ValueError(f"optimizer={cfg.optim.optimizer!r} is not one of {sorted(OPTIMIZERS)}")
-    if isinstance(cfg.optim.elbo, str) and cfg.optim.elbo not in ELBOS:
-        raise ValueError(f"elbo={cfg.optim.elbo!r} is not one of {list(ELBOS)} nor a "
-                         "pyro.infer.ELBO")
+    if isinstance(cfg.optim.elbo, str):
+        check_elbo_name(cfg.optim.elbo)
     device = cfg.batching.device
     if torch.device(device).type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device={device!r} was requested but torch.cuda.is_available() is "

@@ -10,6 +10,8 @@ import torch
 from pyro.distributions.util import is_identically_zero
 from pyro.infer.trace_elbo import _compute_log_r
 
+from pyro_seqlatent.infer.estimators_registry import ESTIMATORS, make_estimator
+
 #: Names accepted by :func:`make_elbo` (and by ``--elbo`` on the command line).
 ELBOS = (
     "Trace_ELBO",
@@ -25,9 +27,26 @@ ELBOS = (
 )
 
 
+def lab_estimators() -> tuple[str, ...]:
+    """The estimator lab's names (:data:`pyro_seqlatent.infer.estimators.ESTIMATORS`) that are
+    not Pyro ELBO names: ``train`` and ``--elbo`` accept them too (``vimco``,
+    ``reinforce_loo``, ``score_nn_baseline``, ...)."""
+    return tuple(name for name in ESTIMATORS if name not in ELBOS)
+
+
+def check_elbo_name(elbo: Any) -> None:
+    """A ``ValueError`` naming both lists unless ``elbo`` is an ELBO instance or a known name."""
+    if isinstance(elbo, pyro.infer.ELBO):
+        return
+    if not isinstance(elbo, str) or (elbo not in ELBOS and elbo not in lab_estimators()):
+        raise ValueError(f"elbo={elbo!r} is not one of {list(ELBOS)}, nor an estimator of the "
+                         f"lab {list(lab_estimators())}, nor a pyro.infer.ELBO")
+
+
 def make_elbo(elbo: str | pyro.infer.ELBO = "Trace_ELBO", **kwargs: Any) -> pyro.infer.ELBO:
-    """An ELBO instance from a name in :data:`ELBOS` (``kwargs`` go to its constructor), or
-    ``elbo`` itself when it already is one."""
+    """An ELBO instance from a name in :data:`ELBOS` (``kwargs`` go to its constructor) or of
+    the estimator lab (``make_estimator(name, num_particles)``; ``num_particles`` is its only
+    keyword), or ``elbo`` itself when it already is one."""
     if isinstance(elbo, pyro.infer.ELBO):
         if kwargs:
             raise ValueError(
@@ -35,8 +54,13 @@ def make_elbo(elbo: str | pyro.infer.ELBO = "Trace_ELBO", **kwargs: Any) -> pyro
                 "pass them to the instance's constructor instead"
             )
         return elbo
-    if not isinstance(elbo, str) or elbo not in ELBOS:
-        raise ValueError(f"elbo={elbo!r} is not one of {list(ELBOS)} nor a pyro.infer.ELBO")
+    check_elbo_name(elbo)
+    if elbo not in ELBOS:
+        extra = sorted(set(kwargs) - {"num_particles"})
+        if extra:
+            raise ValueError(f"elbo={elbo!r} takes only num_particles in elbo_kwargs, got "
+                             f"{extra}")
+        return make_estimator(elbo, kwargs.get("num_particles"))
     if elbo == "DeviceTrace_ELBO":
         return DeviceTrace_ELBO(**kwargs)
     return getattr(pyro.infer, elbo)(**kwargs)
