@@ -25,8 +25,6 @@ from pyro_seqlatent.infer.estimators_elbos import (
     StickingTheLandingELBO,
 )
 
-SITES = ("any", "reparameterizable", "discrete")
-
 
 @dataclass(frozen=True)
 class EstimatorSpec:
