@@ -132,3 +132,7 @@ def test_the_estimator_labs_names_are_elbos_train_accepts():
     assert result.step == 5 and pyro.param("a").abs().sum() > 0  # the guide learned
     with pytest.raises(ValueError, match="estimator of the lab"):
         train(model, guide, list(x), elbo="vimcoo", num_steps=1, progress=False)
+    from pyro_seqlatent.infer.config import TrainConfig
+
+    with pytest.raises(ValueError, match="num_particles >= 2"):  # at configuration, not step 1
+        TrainConfig(elbo="reinforce_loo", elbo_kwargs={"num_particles": 1}, num_steps=1).validate()

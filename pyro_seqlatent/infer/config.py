@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from pyro_seqlatent.infer.elbos import check_elbo_name
+from pyro_seqlatent.infer.elbos import check_elbo_name, lab_estimators, make_elbo
 
 #: version of the ``train_config.json`` layout written by :meth:`TrainConfig.to_json`
 SCHEMA = 2
@@ -288,6 +288,8 @@ def _validate_choices(cfg: TrainConfig) -> None:
         raise ValueError(f"optimizer={cfg.optim.optimizer!r} is not one of {sorted(OPTIMIZERS)}")
     if isinstance(cfg.optim.elbo, str):
         check_elbo_name(cfg.optim.elbo)
+        if cfg.optim.elbo in lab_estimators():  # K and keywords checked now, not at step 1
+            make_elbo(cfg.optim.elbo, **cfg.optim.elbo_kwargs)
     device = cfg.batching.device
     if torch.device(device).type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device={device!r} was requested but torch.cuda.is_available() is "
